@@ -1,0 +1,385 @@
+"""Pure function f(θ, x) of a Keras model and its batched JVP, VJP and Jacobian.
+
+`FunctionalModel` snapshots the trainable weights θ₀ and the non-trainable state
+of a built Keras 3 model and evaluates the network as a pure function of the
+linearized parameters. Variables are read through `keras.StatelessScope`, so no
+computation here ever assigns a variable of the wrapped model, also when it
+raises. Every product streams over the examples in chunks of `batch_size`.
+
+Shapes: N examples, O flattened outputs per example (all output tensors flattened
+per example and concatenated in `model.outputs` order), P linearized parameters
+(the selected trainable variables in `model.trainable_variables` order, each
+flattened row-major), R right-hand sides.
+"""
+
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_linntk import _checks
+from tf_linntk import _model_checks
+
+__all__ = ["FunctionalModel"]
+
+# Chunks of dense Jacobian rows are sized so that one chunk stays below this many
+# bytes; the size is a memory bound, not a tuning result.
+JACOBIAN_CHUNK_BYTES = 256 * 2**20
+
+
+class FunctionalModel:
+    """Pure view f(θ, x) → [N, O] of a built Keras model, linearized at θ₀.
+
+    Args:
+        model: a built Keras 3 model (Sequential, Functional or subclassed).
+        layers: optional layers (objects or names) whose trainable variables are
+            linearized; the other variables stay fixed at their snapshot values.
+            Defaults to all trainable variables.
+        batch_size: number of examples per chunk in every streamed product.
+        output_projection: optional float matrix [O_model, O] applied to the
+            flattened network outputs before any product, or an int O for a
+            random Gaussian projection with entries N(0, 1/O_model), seed 0.
+
+    Raises:
+        TypeError: if `model` is not a Keras 3 model or `layers` is malformed.
+        ValueError: if the model is not built, uses a mixed-precision policy, has no
+            trainable variables, or `layers` names an unknown layer.
+    """
+
+    def __init__(self, model, *, layers=None, batch_size=256, output_projection=None):
+        _model_checks.check_model(model)
+        self._model = model
+        self.batch_size = _checks.check_positive_int("batch_size", batch_size)
+        self.dtype = tf.as_dtype(_model_checks.model_compute_dtype(model))
+
+        # Split the model's variables into the linearized ones and the fixed rest.
+        selected = _model_checks.select_variables(model, layers)
+        selected_ids = {id(v) for v in selected}
+        self._linearized_vars = selected
+        self._fixed_vars = [v for v in model.variables if id(v) not in selected_ids]
+        self.variable_shapes = [tuple(v.shape) for v in selected]
+        self._sizes = [int(np.prod(s, dtype=np.int64)) for s in self.variable_shapes]
+        self.num_parameters = int(sum(self._sizes))
+
+        # Snapshot θ₀ and the fixed state; the model's own variables are never read again.
+        self.params0 = [_snapshot(v) for v in selected]
+        self.fixed_values = [_snapshot(v) for v in self._fixed_vars]
+
+        self._input_specs = _model_checks.input_specs(model)
+        self._output_structure, self._output_shapes = self._infer_output_shapes()
+        self._output_sizes = [int(np.prod(s, dtype=np.int64)) for s in self._output_shapes]
+        self.num_model_outputs = int(sum(self._output_sizes))
+        self.output_projection = _projection_matrix(output_projection, self.num_model_outputs)
+        self.num_outputs = (
+            self.num_model_outputs if self.output_projection is None
+            else int(self.output_projection.shape[-1])
+        )
+        self._compile()
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def model(self):
+        """The wrapped Keras model (read only: its variables are never assigned)."""
+        return self._model
+
+    @property
+    def output_shapes(self):
+        """Per-example shapes of the model's output tensors, in `model.outputs` order."""
+        return self._output_shapes
+
+    @property
+    def snapshot_variables(self):
+        """All snapshot variables: θ₀ followed by the fixed state."""
+        return list(self.params0) + list(self.fixed_values)
+
+    def flatten(self, tensors):
+        """Concatenate per-variable tensors (shapes of the linearized variables) into [P]."""
+        return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+    def unflatten(self, flat):
+        """Split a flat vector [P] into tensors shaped like the linearized variables."""
+        pieces = tf.split(flat, self._sizes, axis=0)
+        return [tf.reshape(p, s) for p, s in zip(pieces, self.variable_shapes)]
+
+    def num_examples(self, x):
+        """Return the number of examples N of a converted input structure (static if known)."""
+        first = tf.nest.flatten(x)[0]
+        static = first.shape[0]
+        return static if static is not None else tf.shape(first)[0]
+
+    def convert_inputs(self, x, name="x"):
+        """Convert and validate `x` against the model's inputs; return a tensor structure."""
+        return _model_checks.convert_inputs(x, self._input_specs, self.dtype, name)
+
+    # ------------------------------------------------------------------ pure function
+
+    def apply(self, params, x):
+        """Evaluate f(params, x) → [n, O] in inference mode without touching variables.
+
+        Args:
+            params: list of tensors shaped like the linearized variables.
+            x: input structure with n examples.
+
+        Returns:
+            Tensor [n, O] in the model's compute dtype.
+        """
+        mapping = list(zip(self._linearized_vars, params))
+        mapping += list(zip(self._fixed_vars, self.fixed_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            outputs = self._model(x, training=False)
+        # Static per-example sizes, because reshape cannot infer -1 for N = 0.
+        flat = [
+            tf.reshape(tf.cast(t, self.dtype), [-1, size])
+            for t, size in zip(keras.tree.flatten(outputs), self._output_sizes)
+        ]
+        out = tf.concat(flat, axis=1) if len(flat) > 1 else flat[0]  # [n, O_model]
+        if self.output_projection is not None:
+            out = tf.matmul(out, tf.cast(self.output_projection, self.dtype))  # [n, O]
+        return out
+
+    def unflatten_outputs(self, flat):
+        """Reshape [N, O_model] back to the model's output structure (list, dict, ...)."""
+        pieces = tf.split(flat, self._output_sizes, axis=1)
+        shaped = [tf.reshape(p, [-1, *s]) for p, s in zip(pieces, self._output_shapes)]
+        return keras.tree.pack_sequence_as(self._output_structure, shaped)
+
+    # ------------------------------------------------------------------ products
+
+    def outputs(self, x):
+        """Return f(θ₀, x) → [N, O], streamed over chunks."""
+        return self._outputs_fn(x)
+
+    def jvp(self, x, tangents):
+        """Return J(x) v → [N, O] for a flat tangent vector v [P] (one forward-mode pass)."""
+        return self._jvp_fn(x, tangents)
+
+    def jvp_batched(self, x, tangents):
+        """Return J(x) V → [R, N, O] for tangents [R, P], vectorized over R."""
+        return self._jvp_batched_fn(x, tangents)
+
+    def vjp(self, x, cotangents):
+        """Return J(x)ᵀ u → [P] for cotangents u [N, O] (one reverse-mode pass)."""
+        return self._vjp_fn(x, cotangents)
+
+    def vjp_batched(self, x, cotangents):
+        """Return J(x)ᵀ U → [R, P] for cotangents [R, N, O], one forward pass per chunk."""
+        return self._vjp_batched_fn(x, cotangents)
+
+    def jacobian(self, x):
+        """Return the dense Jacobian [N, O, P], vectorized per chunk with `tape.jacobian`."""
+        return self._jacobian_fn(x)
+
+    def jacobian_sq_norms(self, x):
+        """Return ‖J(x)[n, o, :]‖² → [N, O], the exact diagonal of J Jᵀ."""
+        return self._jacobian_sq_norms_fn(x)
+
+    # ------------------------------------------------------------------ compiled bodies
+
+    def _compile(self):
+        # TensorFlow counts traces per Python code object, so the bound methods of
+        # several FunctionalModel instances would share one count and set off its
+        # retracing warning. A `functools.partial` has no code object and gets its own.
+        compile_fn = lambda fn: tf.function(functools.partial(fn), reduce_retracing=True)  # noqa: E731
+        self._outputs_fn = compile_fn(self._outputs_impl)
+        self._jvp_fn = compile_fn(self._jvp_impl)
+        self._jvp_batched_fn = compile_fn(self._jvp_batched_impl)
+        self._vjp_fn = compile_fn(self._vjp_impl)
+        self._vjp_batched_fn = compile_fn(self._vjp_batched_impl)
+        self._jacobian_fn = compile_fn(self._jacobian_impl)
+        self._jacobian_sq_norms_fn = compile_fn(self._jacobian_sq_norms_impl)
+
+    def _outputs_impl(self, x):
+        return self._concat_chunks(
+            lambda xc, start, stop: self.apply(self.params0, xc), x, self.batch_size,
+            [self.num_outputs],
+        )
+
+    def _jvp_chunk(self, xc, tangents):
+        primals = [tf.convert_to_tensor(p) for p in self.params0]
+        with tf.autodiff.ForwardAccumulator(primals, self.unflatten(tangents)) as acc:
+            out = self.apply(primals, xc)
+        jvp = acc.jvp(out, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return jvp  # [n, O]
+
+    def _jvp_impl(self, x, tangents):
+        tangents = tf.cast(tangents, self.dtype)
+        return self._concat_chunks(
+            lambda xc, start, stop: self._jvp_chunk(xc, tangents), x, self.batch_size,
+            [self.num_outputs],
+        )
+
+    def _jvp_batched_impl(self, x, tangents):
+        tangents = tf.cast(tangents, self.dtype)
+
+        def chunk(xc, start, stop):
+            jvps = tf.vectorized_map(lambda t: self._jvp_chunk(xc, t), tangents)
+            return tf.transpose(jvps, [1, 0, 2])  # [n, R, O]
+
+        trailing_shape = [tf.shape(tangents)[0], self.num_outputs]
+        out = self._concat_chunks(chunk, x, self.batch_size, trailing_shape)  # [N, R, O]
+        return tf.transpose(out, [1, 0, 2])  # [R, N, O]
+
+    def _vjp_impl(self, x, cotangents):
+        cotangents = tf.cast(cotangents, self.dtype)
+
+        def chunk(xc, start, stop):
+            primals = [tf.convert_to_tensor(p) for p in self.params0]
+            with tf.GradientTape() as tape:
+                tape.watch(primals)
+                out = self.apply(primals, xc)
+            grads = tape.gradient(
+                out, primals, output_gradients=cotangents[start:stop],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            return grads
+
+        zeros = [tf.zeros(s, self.dtype) for s in self.variable_shapes]
+        total = self._sum_chunks(chunk, x, zeros, _add_gradient)
+        return self.flatten(total)  # [P]
+
+    def _vjp_batched_impl(self, x, cotangents):
+        cotangents = tf.cast(cotangents, self.dtype)
+        num_rhs = tf.shape(cotangents)[0]
+
+        def chunk(xc, start, stop):
+            primals = [tf.convert_to_tensor(p) for p in self.params0]
+            with tf.GradientTape() as tape:
+                tape.watch(primals)
+                out = self.apply(primals, xc)  # [n, O]
+                # One scalar per right-hand side: Σ_{n,o} f[n, o] U[r, n, o].
+                targets = tf.einsum("no,rno->r", out, cotangents[:, start:stop])
+            jac = tape.jacobian(
+                targets, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            return [tf.reshape(j, [num_rhs, size]) for j, size in zip(jac, self._sizes)]
+
+        zeros = [tf.zeros([num_rhs, s], self.dtype) for s in self._sizes]
+        total = self._sum_chunks(chunk, x, zeros, lambda acc, g: acc + g)
+        return tf.concat(total, axis=1)  # [R, P]
+
+    def _jacobian_chunk(self, xc):
+        primals = [tf.convert_to_tensor(p) for p in self.params0]
+        with tf.GradientTape() as tape:
+            tape.watch(primals)
+            out = self.apply(primals, xc)  # [n, O]
+        jac = tape.jacobian(out, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        blocks = [
+            tf.reshape(j, [-1, self.num_outputs, size]) for j, size in zip(jac, self._sizes)
+        ]
+        return tf.concat(blocks, axis=2)  # [n, O, P]
+
+    def _jacobian_impl(self, x):
+        return self._concat_chunks(
+            lambda xc, start, stop: self._jacobian_chunk(xc), x, self._jacobian_rows(),
+            [self.num_outputs, self.num_parameters],
+        )
+
+    def _jacobian_sq_norms_impl(self, x):
+        return self._concat_chunks(
+            lambda xc, start, stop: tf.reduce_sum(tf.square(self._jacobian_chunk(xc)), -1),
+            x,
+            self._jacobian_rows(),
+            [self.num_outputs],
+        )
+
+    def _jacobian_rows(self):
+        row_bytes = self.num_outputs * self.num_parameters * self.dtype.size
+        return int(max(1, min(self.batch_size, JACOBIAN_CHUNK_BYTES // max(row_bytes, 1))))
+
+    # ------------------------------------------------------------------ chunk loops
+
+    def _concat_chunks(self, fn, x, chunk_size, trailing_shape):
+        """Concatenate fn(x[start:stop], start, stop) along axis 0 over all chunks.
+
+        `trailing_shape` is the shape of one result row; N = 0 gives zeros
+        [0, *trailing_shape], since an empty TensorArray cannot infer it.
+        """
+        n = tf.shape(tf.nest.flatten(x)[0])[0]
+        num_chunks = (n + chunk_size - 1) // chunk_size
+
+        def body(i, array):
+            start = i * chunk_size
+            stop = tf.minimum(start + chunk_size, n)
+            xc = tf.nest.map_structure(lambda t: t[start:stop], x)
+            return i + 1, array.write(i, fn(xc, start, stop))
+
+        array = tf.TensorArray(self.dtype, size=num_chunks, infer_shape=False)
+        _, array = tf.while_loop(lambda i, _: i < num_chunks, body, (0, array))
+        empty_shape = tf.concat([[0], trailing_shape], axis=0)
+        return tf.cond(n > 0, array.concat, lambda: tf.zeros(empty_shape, self.dtype))
+
+    def _sum_chunks(self, fn, x, zeros, add):
+        """Sum fn(x[start:stop], start, stop) (a list of tensors) over all chunks."""
+        n = tf.shape(tf.nest.flatten(x)[0])[0]
+        chunk_size = self.batch_size
+        num_chunks = (n + chunk_size - 1) // chunk_size
+
+        def body(i, totals):
+            start = i * chunk_size
+            stop = tf.minimum(start + chunk_size, n)
+            xc = tf.nest.map_structure(lambda t: t[start:stop], x)
+            parts = fn(xc, start, stop)
+            return i + 1, [add(a, g) for a, g in zip(totals, parts)]
+
+        _, totals = tf.while_loop(lambda i, _: i < num_chunks, body, (0, zeros))
+        return totals
+
+    def _infer_output_shapes(self):
+        """Return the output structure and per-example output shapes.
+
+        One example of zeros goes through the model when the input shape is fully
+        known; otherwise a Functional model's symbolic outputs are used.
+        """
+        example = _model_checks.example_inputs(self._input_specs, self.dtype)
+        if example is None:
+            outputs = _model_checks.symbolic_outputs(self._model)
+        else:
+            mapping = list(zip(self._linearized_vars, self.params0))
+            mapping += list(zip(self._fixed_vars, self.fixed_values))
+            with keras.StatelessScope(state_mapping=mapping):
+                outputs = self._model(example, training=False)
+        shapes = [tuple(t.shape[1:]) for t in keras.tree.flatten(outputs)]
+        return outputs, shapes
+
+
+def _snapshot(variable):
+    """Copy a Keras variable's value into a new non-trainable tf.Variable."""
+    value = tf.identity(tf.convert_to_tensor(variable.value))
+    return tf.Variable(value, trainable=False, name=variable.name.replace("/", "_") + "_snapshot")
+
+
+def _add_gradient(total, gradient):
+    """Add a dense or IndexedSlices gradient to a dense total without densifying slices."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.tensor_scatter_nd_add(
+            total, tf.expand_dims(gradient.indices, -1), gradient.values
+        )
+    return total + gradient
+
+
+def _projection_matrix(projection, num_model_outputs):
+    """Return the projection as a float matrix [O_model, O] or None."""
+    if projection is None:
+        return None
+    if isinstance(projection, (int, np.integer)) and not isinstance(projection, bool):
+        num_targets = _checks.check_positive_int("output_projection", projection)
+        generator = np.random.default_rng(0)
+        return generator.normal(
+            0.0, 1.0 / np.sqrt(num_model_outputs), (num_model_outputs, num_targets)
+        )
+    matrix = np.asarray(projection)
+    if matrix.dtype.kind not in "fiu":
+        raise TypeError(
+            "`output_projection` must be an int or a float matrix [O_model, O]; "
+            f"received {type(projection).__name__} of dtype {matrix.dtype}."
+        )
+    if matrix.ndim != 2 or matrix.shape[0] != num_model_outputs:
+        raise ValueError(
+            f"`output_projection` must be a matrix [O_model, O] with O_model="
+            f"{num_model_outputs} (flattened model outputs); received shape {matrix.shape}."
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("`output_projection` must be finite; received NaN or Inf entries.")
+    return matrix.astype(np.float64)

@@ -1,0 +1,416 @@
+"""`LinearizedModel`: the Keras-facing wrapper that linearizes a trained network.
+
+The wrapper validates input and delegates: products to `autodiff`, kernels to
+`kernels`, Fisher operators to `fisher`, posterior inference to `inference`.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_linntk import _checks
+from tf_linntk import autodiff
+from tf_linntk import kernels
+from tf_linntk import likelihoods
+
+__all__ = ["LinearizedModel", "DEFAULT_MAX_DENSE_BYTES"]
+
+MEAN_FUNCTIONS = ("network", "zero")
+
+# Default size limit for an explicitly formed dense matrix (Jacobian, dense kernel,
+# joint covariance): 1 GiB. Larger requests raise instead of exhausting memory.
+DEFAULT_MAX_DENSE_BYTES = 2**30
+
+
+@keras.saving.register_keras_serializable(package="tf_linntk")
+class LinearizedModel(keras.Model):
+    """A trained Keras network linearized around its weights θ₀.
+
+    f_lin(x; θ') = m(x) + J(x) (θ' − θ₀), with J(x) = ∂f(x; θ)/∂θ at θ₀ [N·O, P]
+    and mean function m(x) = f(x; θ₀) (`mean="network"`) or 0 (`mean="zero"`).
+    `adapt(x, y)` puts the prior θ' − θ₀ ~ N(0, s² I) on the weights and computes
+    the posterior given target data; calls then return the posterior predictive
+    mean. Before `adapt` they return m(x).
+
+    The wrapped model is evaluated with `training=False` on snapshots of its
+    variables taken at construction: its own variables are never assigned and are
+    not trainable through the wrapper.
+
+    Outputs of any rank are flattened per example: O is the total number of
+    output values per example over all output tensors, concatenated in
+    `model.outputs` order (after `output_projection`, when given).
+
+    Args:
+        model: a built Keras 3 model (Sequential, Functional or subclassed) on the
+            TensorFlow backend, computing in float32 or float64.
+        mean: "network" (m(x) = f(x; θ₀), the linearized network) or "zero"
+            (m(x) = 0, the finite-NTK GP).
+        layers: optional list of layers (objects or names) whose trainable
+            variables are linearized; the rest stay fixed at θ₀. Default: all.
+        batch_size: examples per chunk in every streamed product (memory grows
+            with it, not with N).
+        output_projection: optional fixed matrix [O_model, O] applied to the
+            flattened network outputs (e.g. a label remap for a target task with
+            another number of classes), or an int O for a random Gaussian
+            projection with entries N(0, 1/O_model) drawn with seed 0.
+        max_dense_bytes: size limit in bytes for explicitly formed dense
+            matrices (`jacobian`, `ntk(...).to_dense()`, joint predictives).
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Raises:
+        TypeError: if `model` is not a Keras 3 model, or an argument has the
+            wrong type.
+        ValueError: if the model is not built, uses float16/bfloat16, or an
+            argument has an invalid value.
+
+    Example:
+        >>> lin = tf_linntk.LinearizedModel(model)            # doctest: +SKIP
+        >>> lin.num_parameters, lin.jacobian(x).shape         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model,
+        mean="network",
+        layers=None,
+        batch_size=256,
+        output_projection=None,
+        max_dense_bytes=DEFAULT_MAX_DENSE_BYTES,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.mean = _checks.check_option("mean", mean, MEAN_FUNCTIONS)
+        self.batch_size = _checks.check_positive_int("batch_size", batch_size)
+        self.max_dense_bytes = _checks.check_positive_int("max_dense_bytes", max_dense_bytes)
+        self._layers_config = _layer_names(layers)
+        self._projection_config = output_projection
+        functional = autodiff.FunctionalModel(
+            model, layers=layers, batch_size=batch_size, output_projection=output_projection
+        )
+        # Bypass Keras attribute tracking: the wrapped model's variables must not
+        # become weights (trainable or not) of the wrapper.
+        object.__setattr__(self, "_functional", functional)
+        object.__setattr__(self, "_posterior", None)
+        self.built = True
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def wrapped_model(self):
+        """The wrapped Keras model, never modified by the wrapper."""
+        return self._functional.model
+
+    @property
+    def functional(self):
+        """The `FunctionalModel` that evaluates f(θ, x) and its products."""
+        return self._functional
+
+    @property
+    def num_parameters(self):
+        """P, the number of linearized parameters."""
+        return self._functional.num_parameters
+
+    @property
+    def num_outputs(self):
+        """O, the number of flattened outputs per example (after any projection)."""
+        return self._functional.num_outputs
+
+    @property
+    def posterior(self):
+        """The posterior from the last `adapt`, or None before adaptation."""
+        return self._posterior
+
+    @property
+    def is_adapted(self):
+        """Whether `adapt` has produced a posterior."""
+        return self._posterior is not None
+
+    # ------------------------------------------------------------------ conversion
+
+    def flatten_parameters(self, tensors):
+        """Concatenate per-variable tensors into the flat vector [P] (row-major each)."""
+        return self._functional.flatten(tensors)
+
+    def unflatten_parameters(self, flat):
+        """Split a flat vector [P] into tensors shaped like the linearized variables."""
+        flat = self._convert_tangents(flat, "flat")
+        return self._functional.unflatten(flat)
+
+    # ------------------------------------------------------------------ products
+
+    def jvp(self, x, tangents):
+        """Compute the Jacobian-vector product J(x) v.
+
+        Cost: one forward-mode pass over x, streamed in chunks of `batch_size`.
+
+        Args:
+            x: inputs with N examples (array, tensor, or a tuple/list/dict).
+            tangents: float vector [P] in the flat parameter order.
+
+        Returns:
+            Tensor [N, O] in the model's dtype.
+
+        Raises:
+            ValueError: if `x` does not match the model's inputs or `tangents` is
+                not [P].
+        """
+        x = self._convert_x(x)
+        tangents = self._convert_tangents(tangents)
+        n = self._functional.num_examples(x)
+        if n == 0:
+            return tf.zeros([0, self.num_outputs], self._functional.dtype)
+        return self._functional.jvp(x, tangents)
+
+    def vjp(self, x, cotangents):
+        """Compute the vector-Jacobian product J(x)ᵀ u.
+
+        Cost: one forward and one reverse pass over x, streamed in chunks.
+
+        Args:
+            x: inputs with N examples.
+            cotangents: float tensor [N, O] in output space.
+
+        Returns:
+            Tensor [P] in the model's dtype.
+
+        Raises:
+            ValueError: if `x` does not match the model's inputs or `cotangents`
+                is not [N, O].
+        """
+        x = self._convert_x(x)
+        n = self._functional.num_examples(x)
+        cotangents = self._convert_cotangents(cotangents, n)
+        if n == 0:
+            return tf.zeros([self.num_parameters], self._functional.dtype)
+        return self._functional.vjp(x, cotangents)
+
+    def jacobian(self, x, max_dense_bytes=None):
+        """Form the dense Jacobian J(x) = ∂f(x; θ)/∂θ at θ₀.
+
+        Cost: vectorized reverse mode (`tape.jacobian`), memory N·O·P values.
+
+        Args:
+            x: inputs with N examples.
+            max_dense_bytes: size limit for this call; defaults to the model's.
+
+        Returns:
+            Tensor [N, O, P] in the model's dtype.
+
+        Raises:
+            ValueError: if `x` is invalid or the result would exceed the limit.
+        """
+        x = self._convert_x(x)
+        n = self._functional.num_examples(x)
+        self.check_dense_size(
+            (n, self.num_outputs, self.num_parameters), "jacobian", max_dense_bytes,
+            "use `jvp`/`vjp` or `ntk(x)` products instead",
+        )
+        if n == 0:
+            return tf.zeros([0, self.num_outputs, self.num_parameters], self._functional.dtype)
+        return self._functional.jacobian(x)
+
+    def ntk(self, x1, x2=None):
+        """Build the finite NTK K(x1, x2) = J(x1) J(x2)ᵀ as an implicit operator.
+
+        Args:
+            x1: inputs with N1 examples.
+            x2: inputs with N2 examples, or None for x2 = x1 (symmetric).
+
+        Returns:
+            `tf_linntk.kernels.NTKOperator` of shape [N1·O, N2·O], example-major.
+
+        Raises:
+            ValueError: if an input does not match the model's inputs.
+        """
+        x1 = self._convert_x(x1, "x1")
+        x2 = None if x2 is None else self._convert_x(x2, "x2")
+        return kernels.NTKOperator(self._functional, x1, x2)
+
+    # ------------------------------------------------------------------ adaptation
+
+    def adapt(self, x, y=None, likelihood="gaussian", **options):
+        """Fit the posterior over the linearized weights to target data, in place.
+
+        Any earlier posterior is replaced. Regression (Gaussian likelihood) is
+        solved in closed form; classification (categorical or Bernoulli) fits a
+        Bayesian GLM on the Jacobian features. The options depend on the
+        likelihood: see `tf_linntk.inference.regression.fit` and
+        `tf_linntk.inference.classification.fit` for the full lists.
+
+        Args:
+            x: target inputs with N examples (array, tensor, tuple/list/dict).
+            y: targets: float [N] or [N, O] for regression; integer class ids [N]
+                (or one-hot [N, O]) for "categorical"; 0/1 labels [N] or [N, 1]
+                for "bernoulli".
+            likelihood: "gaussian", "categorical", "bernoulli", or a
+                `tf_linntk.likelihoods.Likelihood` instance carrying parameters.
+            **options: inference options such as `prior_variance`,
+                `noise_variance`, `space`, `tol`, `max_iterations`, `seed`,
+                `on_nonconvergence` and `verbose` (regression), or `inference`,
+                `link`, `num_samples` (classification).
+
+        Returns:
+            This model, adapted.
+
+        Raises:
+            ValueError: for invalid data or option values; the message names the
+                argument.
+            TypeError: for an unknown option or a wrong argument type.
+        """
+        fit = _fitter(likelihoods.get_likelihood(likelihood))
+        posterior = fit(self, x, y, likelihood, **options)
+        object.__setattr__(self, "_posterior", posterior)
+        return self
+
+    def predictive_distribution(self, x, **options):
+        """Return the posterior predictive distribution at x as a TFP distribution.
+
+        Regression: independent `tfd.Normal` marginals with batch shape [N, O], or a
+        joint multivariate normal over the N·O outputs with `joint=True`.
+        Classification: `tfd.Categorical` (batch [N]) or `tfd.Bernoulli` (batch
+        [N, 1]) with probabilities from the chosen link approximation.
+
+        Args:
+            x: inputs with N examples.
+            **options: predictive options of the posterior (e.g. `joint`,
+                `include_noise`, `variance` for regression; `link`,
+                `num_samples`, `seed` for classification).
+
+        Returns:
+            A `tfp.distributions.Distribution`.
+
+        Raises:
+            ValueError: if the model has not been adapted (call `adapt(x, y)`
+                first) or `x` is invalid.
+        """
+        if self._posterior is None:
+            raise ValueError(
+                "This LinearizedModel is not adapted, so it has no predictive "
+                "distribution yet. Call `adapt(x, y)` first."
+            )
+        x = self._convert_x(x)
+        return self._posterior.predictive_distribution(self, x, **options)
+
+    # ------------------------------------------------------------------ prediction
+
+    def prior_mean(self, x):
+        """Return m(x) as [N, O]: the network's outputs, or zeros for mean="zero"."""
+        x = self._convert_x(x)
+        return self._prior_mean_flat(x)
+
+    def call(self, inputs, training=None):
+        """Return the predictive mean (class probabilities for classification).
+
+        Before `adapt` this is m(x) in the model's output shape; after it, the
+        posterior's predictive mean, in the same shape for regression and [N, C]
+        probabilities for classification.
+        """
+        x = self._functional.convert_inputs(inputs)
+        if self._posterior is not None:
+            return self._posterior.predict_mean(self, x)
+        mean = self._prior_mean_flat(x)
+        if self._functional.output_projection is not None:
+            return mean
+        return self._functional.unflatten_outputs(mean)
+
+    def _prior_mean_flat(self, x):
+        n = self._functional.num_examples(x)
+        if self.mean == "zero":
+            return tf.zeros([n, self.num_outputs], self._functional.dtype)
+        if isinstance(n, int) and n == 0:
+            return tf.zeros([0, self.num_outputs], self._functional.dtype)
+        return self._functional.outputs(x)
+
+    # ------------------------------------------------------------------ validation
+
+    def check_dense_size(self, shape, what, max_dense_bytes, alternative):
+        """Raise ValueError if a dense tensor of `shape` exceeds the byte limit."""
+        limit = self.max_dense_bytes if max_dense_bytes is None else (
+            _checks.check_positive_int("max_dense_bytes", max_dense_bytes)
+        )
+        size = int(np.prod(shape, dtype=np.int64)) * self._functional.dtype.size
+        if size > limit:
+            raise ValueError(
+                f"`{what}` would form a dense tensor of shape {tuple(shape)} "
+                f"({size:,} bytes), above `max_dense_bytes`={limit:,}; {alternative}, "
+                "or raise `max_dense_bytes`."
+            )
+
+    def _convert_x(self, x, name="x"):
+        return self._functional.convert_inputs(x, name)
+
+    def _convert_tangents(self, tangents, name="tangents"):
+        tangents = _convert_float(tangents, name, self._functional.dtype)
+        if tangents.shape.rank != 1 or tangents.shape[0] != self.num_parameters:
+            raise ValueError(
+                f"`{name}` must be a flat vector [P] with P={self.num_parameters} "
+                f"(linearized parameters); received shape {tuple(tangents.shape)}."
+            )
+        return _checks.check_finite(name, tangents)
+
+    def _convert_cotangents(self, cotangents, num_examples):
+        cotangents = _convert_float(cotangents, "cotangents", self._functional.dtype)
+        expected = (num_examples, self.num_outputs)
+        if tuple(cotangents.shape) != expected:
+            raise ValueError(
+                f"`cotangents` must be [N, O] with N={num_examples} (from `x`) and "
+                f"O={self.num_outputs} (model outputs); received shape "
+                f"{tuple(cotangents.shape)}."
+            )
+        return _checks.check_finite("cotangents", cotangents)
+
+    # ------------------------------------------------------------------ config
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            model=keras.saving.serialize_keras_object(self.wrapped_model),
+            mean=self.mean,
+            layers=self._layers_config,
+            batch_size=self.batch_size,
+            output_projection=_projection_config(self._projection_config),
+            max_dense_bytes=self.max_dense_bytes,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        projection = config.get("output_projection")
+        if isinstance(projection, list):
+            config["output_projection"] = np.asarray(projection)
+        return cls(**config)
+
+
+def _fitter(likelihood):
+    """Return the fit function of the inference module for `likelihood`."""
+    if likelihood.name == "gaussian":
+        from tf_linntk.inference import regression
+
+        return regression.fit
+    from tf_linntk.inference import classification
+
+    return classification.fit
+
+
+def _convert_float(value, name, dtype):
+    tensor = tf.convert_to_tensor(value)
+    if not tensor.dtype.is_floating:
+        raise TypeError(
+            f"`{name}` must be a float tensor; received dtype {tensor.dtype.name}."
+        )
+    return tf.cast(tensor, dtype)
+
+
+def _layer_names(layers):
+    if layers is None:
+        return None
+    items = layers if isinstance(layers, (list, tuple)) else [layers]
+    return [item if isinstance(item, str) else getattr(item, "name", item) for item in items]
+
+
+def _projection_config(projection):
+    if projection is None or isinstance(projection, (int, np.integer)):
+        return None if projection is None else int(projection)
+    return np.asarray(projection).tolist()
