@@ -62,8 +62,17 @@ def check_model(model):
 
 
 def model_compute_dtype(model):
-    """Return the float dtype the model computes in (float32 or float64)."""
-    return keras.backend.standardize_dtype(model.dtype_policy.compute_dtype)
+    """Return the float dtype the model computes in (float32 or float64).
+
+    Layers may carry their own dtype (e.g. `Dense(..., dtype="float64")` inside a
+    Sequential whose own policy is the float32 default), so the widest compute
+    dtype over the model and all its layers wins.
+    """
+    dtypes = {
+        keras.backend.standardize_dtype(layer.dtype_policy.compute_dtype)
+        for layer in [model, *_all_layers(model)]
+    }
+    return "float64" if "float64" in dtypes else "float32"
 
 
 def select_variables(model, layers):
@@ -93,6 +102,11 @@ def select_variables(model, layers):
 def input_specs(model):
     """Return the model's expected inputs as a structure of InputSpec, or None if unknown."""
     inputs_struct = getattr(model, "_inputs_struct", None)
+    if inputs_struct is None and isinstance(model, keras.Sequential):
+        # A built Sequential model keeps its single symbolic input, with its dtype
+        # (e.g. int32 token ids), in `inputs`.
+        inputs = getattr(model, "inputs", None)
+        inputs_struct = inputs[0] if inputs else None
     if inputs_struct is not None:
         return keras.tree.map_structure(
             lambda t: InputSpec(tuple(t.shape[1:]), keras.backend.standardize_dtype(t.dtype)),
@@ -114,7 +128,9 @@ def example_inputs(specs, compute_dtype):
     leaves = keras.tree.flatten(specs) if not isinstance(specs, InputSpec) else [specs]
     if any(d is None for spec in leaves for d in spec.shape):
         return None
-    return _map_specs(lambda spec: tf.zeros((1, *spec.shape), spec.dtype or compute_dtype), specs)
+    return _map_specs(
+        lambda spec, path: tf.zeros((1, *spec.shape), spec.dtype or compute_dtype), specs
+    )
 
 
 def symbolic_outputs(model):
@@ -154,7 +170,8 @@ def convert_inputs(x, specs, compute_dtype, name="x"):
         return tf.nest.map_structure(lambda t: _convert_leaf(t, None, compute_dtype, name), x)
     _check_structure(x, specs, name)
     converted = _map_specs(
-        lambda spec, leaf: _convert_leaf(leaf, spec, compute_dtype, name), specs, x
+        lambda spec, leaf, path: _convert_leaf(leaf, spec, compute_dtype, path),
+        specs, x, path=name,
     )
     _check_batch_sizes(converted, name)
     return converted
@@ -198,13 +215,21 @@ def _resolve_layer(item, by_name, model):
     )
 
 
-def _map_specs(fn, specs, *others):
+def _map_specs(fn, specs, *others, path="x"):
+    """Return fn(spec, *leaves, path) over `specs` and the matching leaves of `others`.
+
+    `path` names the leaf for error messages, e.g. x['a'] or x[1].
+    """
     if isinstance(specs, InputSpec):
-        return fn(specs, *others)
+        return fn(specs, *others, path)
     if isinstance(specs, dict):
-        return {k: _map_specs(fn, specs[k], *(o[k] for o in others)) for k in specs}
+        return {
+            k: _map_specs(fn, specs[k], *(o[k] for o in others), path=f"{path}[{k!r}]")
+            for k in specs
+        }
     return type(specs)(
-        _map_specs(fn, s, *(o[i] for o in others)) for i, s in enumerate(specs)
+        _map_specs(fn, s, *(o[i] for o in others), path=f"{path}[{i}]")
+        for i, s in enumerate(specs)
     )
 
 
@@ -239,8 +264,13 @@ def _check_structure(x, specs, name):
 
 
 def _is_array_like_sequence(x):
-    """True for nested Python lists of numbers, which NumPy converts to one array."""
+    """True for nested Python lists of numbers, which NumPy converts to one array.
+
+    A list that holds arrays or tensors is a list of inputs, not one input.
+    """
     if not isinstance(x, list) or not x:
+        return False
+    if any(isinstance(item, (np.ndarray, tf.Tensor)) for item in x):
         return False
     try:
         return np.asarray(x).dtype != object

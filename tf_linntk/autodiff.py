@@ -27,6 +27,12 @@ __all__ = ["FunctionalModel"]
 # bytes; the size is a memory bound, not a tuning result.
 JACOBIAN_CHUNK_BYTES = 256 * 2**20
 
+# Batched products form per-chunk Jacobians when the number of right-hand sides
+# is at least this multiple of O. Measured on a 10k-parameter tanh MLP with
+# N = 2,000 (2-core CPU): 110 right-hand sides took 1.05 s as vectorized JVPs and
+# 0.6 s as vectorized VJPs, against 0.02 s to form the Jacobian.
+JACOBIAN_PRODUCT_MIN_RHS = 4
+
 
 class FunctionalModel:
     """Pure view f(θ, x) → [N, O] of a built Keras model, linearized at θ₀.
@@ -156,7 +162,15 @@ class FunctionalModel:
         return self._jvp_fn(x, tangents)
 
     def jvp_batched(self, x, tangents):
-        """Return J(x) V → [R, N, O] for tangents [R, P], vectorized over R."""
+        """Return J(x) V → [R, N, O] for tangents [R, P].
+
+        With many right-hand sides (R ≥ `JACOBIAN_PRODUCT_MIN_RHS`·O) each chunk's
+        Jacobian [n, O, P] is formed (about O reverse passes) and multiplied with
+        V in one matrix product; otherwise the R forward-mode passes are
+        vectorized with `tf.vectorized_map`.
+        """
+        if self._use_jacobian_products(tangents):
+            return self._jvp_jacobian_fn(x, tangents)
         return self._jvp_batched_fn(x, tangents)
 
     def vjp(self, x, cotangents):
@@ -164,8 +178,30 @@ class FunctionalModel:
         return self._vjp_fn(x, cotangents)
 
     def vjp_batched(self, x, cotangents):
-        """Return J(x)ᵀ U → [R, P] for cotangents [R, N, O], one forward pass per chunk."""
+        """Return J(x)ᵀ U → [R, P] for cotangents [R, N, O] (see `jvp_batched` for the method)."""
+        if self._use_jacobian_products(cotangents):
+            return self._vjp_jacobian_fn(x, cotangents)
         return self._vjp_batched_fn(x, cotangents)
+
+    def ntk_product(self, x, cotangents):
+        """Return J(x) J(x)ᵀ u → [N, O] for cotangents u [N, O].
+
+        When N is known and at most `batch_size`, one forward pass serves both
+        products. The reverse pass u ↦ Jᵀ u is linear in u, so its gradient with
+        respect to u, taken with output gradient w = Jᵀ u, is J w. The cost is one
+        forward, one reverse and one second-order reverse pass. With several chunks,
+        Jᵀ u needs every chunk before J w can start, so the product is a VJP
+        followed by a forward-mode JVP, each with its own forward pass.
+        """
+        if self._fits_one_chunk(x):
+            return self._ntk_fused_fn(x, cotangents)
+        return self._jvp_fn(x, self._vjp_fn(x, cotangents))
+
+    def ntk_product_batched(self, x, cotangents):
+        """Return J(x) J(x)ᵀ U → [R, N, O] for cotangents U [R, N, O] (see `ntk_product`)."""
+        if self._fits_one_chunk(x):
+            return self._ntk_fused_batched_fn(x, cotangents)
+        return self._jvp_batched_fn(x, self._vjp_batched_fn(x, cotangents))
 
     def jacobian(self, x):
         """Return the dense Jacobian [N, O, P], vectorized per chunk with `tape.jacobian`."""
@@ -189,6 +225,10 @@ class FunctionalModel:
         self._vjp_batched_fn = compile_fn(self._vjp_batched_impl)
         self._jacobian_fn = compile_fn(self._jacobian_impl)
         self._jacobian_sq_norms_fn = compile_fn(self._jacobian_sq_norms_impl)
+        self._jvp_jacobian_fn = compile_fn(self._jvp_jacobian_impl)
+        self._vjp_jacobian_fn = compile_fn(self._vjp_jacobian_impl)
+        self._ntk_fused_fn = compile_fn(self._ntk_fused_impl)
+        self._ntk_fused_batched_fn = compile_fn(self._ntk_fused_batched_impl)
 
     def _outputs_impl(self, x):
         return self._concat_chunks(
@@ -259,16 +299,96 @@ class FunctionalModel:
         total = self._sum_chunks(chunk, x, zeros, lambda acc, g: acc + g)
         return tf.concat(total, axis=1)  # [R, P]
 
-    def _jacobian_chunk(self, xc):
+    def _ntk_fused_impl(self, x, cotangents):
+        cotangents = tf.cast(cotangents, self.dtype)  # [N, O]
         primals = [tf.convert_to_tensor(p) for p in self.params0]
-        with tf.GradientTape() as tape:
-            tape.watch(primals)
-            out = self.apply(primals, xc)  # [n, O]
-        jac = tape.jacobian(out, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        blocks = [
-            tf.reshape(j, [-1, self.num_outputs, size]) for j, size in zip(jac, self._sizes)
-        ]
-        return tf.concat(blocks, axis=2)  # [n, O, P]
+        with tf.GradientTape() as outer:
+            outer.watch(cotangents)
+            with tf.GradientTape() as inner:
+                inner.watch(primals)
+                out = self.apply(primals, x)  # [N, O]
+            # u -> Jᵀ u, recorded by the outer tape (densified: the result is [P] anyway).
+            grads = inner.gradient(
+                out, primals, output_gradients=cotangents,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            grads = [tf.convert_to_tensor(g) for g in grads]
+        # Jᵀ u -> J Jᵀ u, the transpose of the linear map u -> Jᵀ u applied to Jᵀ u.
+        return outer.gradient(
+            grads, cotangents, output_gradients=[tf.stop_gradient(g) for g in grads],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    def _ntk_fused_batched_impl(self, x, cotangents):
+        cotangents = tf.cast(cotangents, self.dtype)  # [R, N, O]
+        primals = [tf.convert_to_tensor(p) for p in self.params0]
+        with tf.GradientTape() as outer:
+            outer.watch(cotangents)
+            with tf.GradientTape() as inner:
+                inner.watch(primals)
+                out = self.apply(primals, x)  # [N, O]
+                targets = tf.einsum("no,rno->r", out, cotangents)  # [R]
+            # U -> Jᵀ U, one row of per-variable gradients for each right-hand side.
+            grads = inner.jacobian(
+                targets, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+        # Jᵀ U -> J Jᵀ U; row r of the result only depends on row r of U.
+        return outer.gradient(
+            grads, cotangents, output_gradients=[tf.stop_gradient(g) for g in grads],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )  # [R, N, O]
+
+    def _fits_one_chunk(self, x):
+        n = self.num_examples(x)
+        return isinstance(n, int) and 0 < n <= self.batch_size
+
+    def _jacobian_chunk(self, xc):
+        """Return the per-example Jacobians [n, O, P] of one chunk.
+
+        Each example is differentiated on its own inside `tf.vectorized_map`, so
+        the cost is about O reverse passes over the chunk. Differentiating the
+        whole chunk's outputs [n, O] at once would instead carry n·O cotangents
+        through every example.
+        """
+        primals = [tf.convert_to_tensor(p) for p in self.params0]
+
+        def example_jacobian(example):
+            batch = tf.nest.map_structure(lambda t: t[None], example)
+            with tf.GradientTape() as tape:
+                tape.watch(primals)
+                out = self.apply(primals, batch)[0]  # [O]
+            jac = tape.jacobian(
+                out, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            blocks = [tf.reshape(j, [self.num_outputs, size]) for j, size in zip(jac, self._sizes)]
+            return tf.concat(blocks, axis=1)  # [O, P]
+
+        return tf.vectorized_map(example_jacobian, xc)  # [n, O, P]
+
+    def _jvp_jacobian_impl(self, x, tangents):
+        tangents = tf.cast(tangents, self.dtype)  # [R, P]
+
+        def chunk(xc, start, stop):
+            return tf.einsum("nop,rp->nro", self._jacobian_chunk(xc), tangents)  # [n, R, O]
+
+        trailing_shape = [tf.shape(tangents)[0], self.num_outputs]
+        out = self._concat_chunks(chunk, x, self._jacobian_rows(), trailing_shape)  # [N, R, O]
+        return tf.transpose(out, [1, 0, 2])  # [R, N, O]
+
+    def _vjp_jacobian_impl(self, x, cotangents):
+        cotangents = tf.cast(cotangents, self.dtype)  # [R, N, O]
+
+        def chunk(xc, start, stop):
+            jac = self._jacobian_chunk(xc)  # [n, O, P]
+            return [tf.einsum("rno,nop->rp", cotangents[:, start:stop], jac)]
+
+        zeros = [tf.zeros([tf.shape(cotangents)[0], self.num_parameters], self.dtype)]
+        total = self._sum_chunks(chunk, x, zeros, lambda acc, g: acc + g, self._jacobian_rows())
+        return total[0]  # [R, P]
+
+    def _use_jacobian_products(self, vectors):
+        num_rhs = vectors.shape[0]
+        return num_rhs is not None and num_rhs >= JACOBIAN_PRODUCT_MIN_RHS * self.num_outputs
 
     def _jacobian_impl(self, x):
         return self._concat_chunks(
@@ -310,10 +430,10 @@ class FunctionalModel:
         empty_shape = tf.concat([[0], trailing_shape], axis=0)
         return tf.cond(n > 0, array.concat, lambda: tf.zeros(empty_shape, self.dtype))
 
-    def _sum_chunks(self, fn, x, zeros, add):
+    def _sum_chunks(self, fn, x, zeros, add, chunk_size=None):
         """Sum fn(x[start:stop], start, stop) (a list of tensors) over all chunks."""
         n = tf.shape(tf.nest.flatten(x)[0])[0]
-        chunk_size = self.batch_size
+        chunk_size = chunk_size or self.batch_size
         num_chunks = (n + chunk_size - 1) // chunk_size
 
         def body(i, totals):

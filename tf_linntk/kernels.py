@@ -13,9 +13,11 @@ class NTKOperator(tf.linalg.LinearOperator):
     scale: the GP prior covariance is `prior_variance * K`.
 
     Cost: `matmul` with R right-hand sides takes one batched VJP over x2 and one
-    batched JVP over x1, streamed in chunks of the model's `batch_size`; memory is
-    O(R·P + R·N·O) plus one chunk's activations. `diag_part` computes per-example
-    Jacobian norms chunk by chunk. `to_dense` forms J(x1) and J(x2).
+    batched JVP over x1, streamed in chunks of the model's `batch_size`. Memory is
+    O(R·P + R·N·O) plus one chunk's activations. When x2 is None and N ≤
+    `batch_size`, both products share one forward pass (see
+    `FunctionalModel.ntk_product`). `diag_part` forms the Jacobian rows of one
+    chunk at a time and sums their squares. `to_dense` forms J(x1) and J(x2).
 
     K is symmetric positive semi-definite when x2 is None; it is flagged
     self-adjoint but not positive-definite, because K is singular when N·O > P.
@@ -105,19 +107,29 @@ def _ntk_matmul(functional, rows_x, cols_x, rhs):
     """Return J(rows_x) J(cols_x)ᵀ rhs for rhs [N2·O, R]."""
     num_outputs = functional.num_outputs
     rhs = tf.cast(rhs, functional.dtype)
-    num_rhs = rhs.shape[-1]
-    if num_rhs == 1:
+    if rhs.shape[-1] == 1:
         cotangents = tf.reshape(rhs, [-1, num_outputs])  # [N2, O]
+        if rows_x is cols_x:
+            return tf.reshape(functional.ntk_product(rows_x, cotangents), [-1, 1])
         tangents = functional.vjp(cols_x, cotangents)  # [P]
         return tf.reshape(functional.jvp(rows_x, tangents), [-1, 1])  # [N1·O, 1]
     cotangents = tf.reshape(tf.transpose(rhs), [tf.shape(rhs)[1], -1, num_outputs])
-    tangents = functional.vjp_batched(cols_x, cotangents)  # [R, P]
-    jvps = functional.jvp_batched(rows_x, tangents)  # [R, N1, O]
-    return tf.transpose(tf.reshape(jvps, [tf.shape(jvps)[0], -1]))  # [N1·O, R]
+    if rows_x is cols_x:
+        products = functional.ntk_product_batched(rows_x, cotangents)  # [R, N1, O]
+    else:
+        tangents = functional.vjp_batched(cols_x, cotangents)  # [R, P]
+        products = functional.jvp_batched(rows_x, tangents)  # [R, N1, O]
+    return tf.transpose(tf.reshape(products, [tf.shape(products)[0], -1]))  # [N1·O, R]
 
 
 def _static_num_examples(functional, x):
     n = functional.num_examples(x)
     if not isinstance(n, int):
-        raise ValueError("The NTK operator needs inputs with a known number of examples.")
+        shapes = [tuple(t.shape) for t in tf.nest.flatten(x)]
+        raise ValueError(
+            "`x1` and `x2` of an NTK operator must have a statically known number of "
+            f"examples N; received inputs of shapes {shapes}. Inside a tf.function, "
+            "give the inputs a fixed N (e.g. an `input_signature` with a fixed first "
+            "dimension) or build the operator outside the function."
+        )
     return n
