@@ -198,7 +198,17 @@ class FunctionalModel:
         return self._jvp_fn(x, self._vjp_fn(x, cotangents))
 
     def ntk_product_batched(self, x, cotangents):
-        """Return J(x) J(x)ᵀ U → [R, N, O] for cotangents U [R, N, O] (see `ntk_product`)."""
+        """Return J(x) J(x)ᵀ U → [R, N, O] for cotangents U [R, N, O] (see `ntk_product`).
+
+        With many right-hand sides (see `jvp_batched`) the product goes through
+        per-chunk Jacobians, formed once when all N examples fit in one Jacobian
+        chunk and twice otherwise.
+        """
+        if self._use_jacobian_products(cotangents):
+            n = self.num_examples(x)
+            if isinstance(n, int) and 0 < n <= self._jacobian_rows():
+                return self._ntk_jacobian_fn(x, cotangents)
+            return self._jvp_jacobian_fn(x, self._vjp_jacobian_fn(x, cotangents))
         if self._fits_one_chunk(x):
             return self._ntk_fused_batched_fn(x, cotangents)
         return self._jvp_batched_fn(x, self._vjp_batched_fn(x, cotangents))
@@ -226,6 +236,7 @@ class FunctionalModel:
         self._jacobian_fn = compile_fn(self._jacobian_impl)
         self._jacobian_sq_norms_fn = compile_fn(self._jacobian_sq_norms_impl)
         self._jvp_jacobian_fn = compile_fn(self._jvp_jacobian_impl)
+        self._ntk_jacobian_fn = compile_fn(self._ntk_jacobian_impl)
         self._vjp_jacobian_fn = compile_fn(self._vjp_jacobian_impl)
         self._ntk_fused_fn = compile_fn(self._ntk_fused_impl)
         self._ntk_fused_batched_fn = compile_fn(self._ntk_fused_batched_impl)
@@ -385,6 +396,11 @@ class FunctionalModel:
         zeros = [tf.zeros([tf.shape(cotangents)[0], self.num_parameters], self.dtype)]
         total = self._sum_chunks(chunk, x, zeros, lambda acc, g: acc + g, self._jacobian_rows())
         return total[0]  # [R, P]
+
+    def _ntk_jacobian_impl(self, x, cotangents):
+        jac = self._jacobian_chunk(x)  # [N, O, P]
+        tangents = tf.einsum("rno,nop->rp", tf.cast(cotangents, self.dtype), jac)  # [R, P]
+        return tf.einsum("nop,rp->rno", jac, tangents)  # [R, N, O]
 
     def _use_jacobian_products(self, vectors):
         num_rhs = vectors.shape[0]
