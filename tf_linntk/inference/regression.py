@@ -1,0 +1,297 @@
+"""Closed-form GP regression on the linearized network (finite-NTK posterior).
+
+Model: y = m(x) + J(x) δ + ε with δ ~ N(0, s² I_P) and ε ~ N(0, D), where D is
+diagonal with one noise variance σ²_o per output. The posterior over δ is
+Gaussian with mean w and covariance Σ = (Jᵀ D⁻¹ J + I/s²)⁻¹. Two equivalent
+solves give w:
+
+- function space (N·O unknowns): (s² K + D) α = r with r = y − m(x), then
+  w = s² Jᵀ α (one VJP);
+- parameter space (P unknowns): (s² Jᵀ D⁻¹ J + I) w = s² Jᵀ D⁻¹ r, a
+  Gauss–Newton system whose matvec is one JVP and one VJP (or another Fisher
+  product from `tf_linntk.fisher`).
+
+Σ is kept as s² I − U diag(d) Uᵀ with U [P, k] spanning the top-k eigenvectors
+of Jᵀ D⁻¹ J, found by Lanczos (the LOVE idea of Pleiss et al., 2018), so a saved
+model predicts means and variances without its training data.
+"""
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from tf_linntk import _checks
+from tf_linntk import likelihoods
+from tf_linntk.inference import _regression_systems as systems
+from tf_linntk.inference import regression_posterior
+
+__all__ = ["fit", "SPACES", "VARIANCE_METHODS", "RegressionPosterior"]
+
+RegressionPosterior = regression_posterior.RegressionPosterior
+
+SPACES = ("auto", "function", "parameter")
+VARIANCE_METHODS = ("lanczos", "exact", "none")
+PRECONDITIONERS = ("auto", "nystrom", "none")
+FISHER_METHODS = ("ggn", "autodiff", "finite_difference", "central_difference")
+ON_NONCONVERGENCE = ("warn", "raise", "ignore")
+
+_logger = logging.getLogger(__name__)
+
+
+def fit(
+    lin,
+    x,
+    y,
+    likelihood,
+    *,
+    prior_variance=1.0,
+    noise_variance=None,
+    space="auto",
+    fisher="ggn",
+    tol=1e-6,
+    max_iterations=None,
+    preconditioner="auto",
+    preconditioner_rank=100,
+    variance="lanczos",
+    variance_rank=100,
+    seed=None,
+    on_nonconvergence="warn",
+    verbose=0,
+):
+    """Compute the GP posterior of the linearized network given regression data.
+
+    Cost: one forward pass for m(x); then CG iterations, each one JVP and one VJP
+    over x (a rank-k Nyström preconditioner first costs one batched product with
+    k right-hand sides); then `variance_rank` Lanczos steps of one JVP and one
+    VJP each, plus one batched VJP or JVP with k right-hand sides. Memory is
+    O(batch · activations + k·(P + N·O)).
+
+    Args:
+        lin: the `LinearizedModel`.
+        x: inputs with N examples, or a batched `tf.data.Dataset` of (x, y)
+            pairs (then `y` is None); a dataset is read once into memory.
+        y: float targets [N, O], or [N] when O = 1.
+        likelihood: "gaussian" or a `tf_linntk.likelihoods.Gaussian`; the noise
+            variance of a Gaussian object is used when `noise_variance` is None.
+        prior_variance: s² > 0, or None to choose it with σ² by maximizing the
+            log marginal likelihood.
+        noise_variance: σ², a float > 0 or a vector of length O, or None to choose
+            it by maximizing the log marginal likelihood.
+        space: "function", "parameter", or "auto" (the smaller of N·O and P).
+        fisher: Gauss–Newton product for the parameter-space solve: "ggn"
+            (exact, one JVP + one VJP), "autodiff", "finite_difference" or
+            "central_difference" (see `tf_linntk.fisher`). The Lanczos
+            covariance root always uses "ggn".
+        tol: CG stops when ‖r‖ ≤ tol·‖b‖.
+        max_iterations: CG iteration limit; None uses the solver's default.
+        preconditioner: "auto" (a rank-`preconditioner_rank` randomized Nyström
+            preconditioner when the system has more than twice that many
+            unknowns), "nystrom", or "none".
+        preconditioner_rank: rank k of the preconditioner.
+        variance: "lanczos" (cached low-rank covariance root, default),
+            "exact" (CG solves per test output at prediction time; keeps a
+            reference to the training inputs, and still computes the Lanczos
+            root for `covariance` and `sample`), or "none" (posterior mean
+            only: no covariance is computed, and predictive variances and
+            `sample` raise).
+        variance_rank: number of Lanczos steps for the covariance root.
+        seed: int seed for the preconditioner sketch and the Lanczos start.
+        on_nonconvergence: "warn", "raise" or "ignore" when CG stops early.
+        verbose: 0 (silent) or 1 (log progress at INFO level).
+
+    Returns:
+        A `RegressionPosterior`; its `space` is the space the mean was solved in.
+
+    Raises:
+        ValueError: for invalid data or option values.
+        TypeError: for options of the wrong type.
+    """
+    options = _validate_options(
+        lin, space, fisher, tol, max_iterations, preconditioner, preconditioner_rank,
+        variance, variance_rank, seed, on_nonconvergence, verbose,
+    )
+    if isinstance(x, tf.data.Dataset):
+        x, y = _unpack_dataset(x, y)
+    x = lin._convert_x(x)
+    num_examples = lin.functional.num_examples(x)
+    if num_examples == 0:
+        raise ValueError("`x` must contain at least one example; received N=0.")
+    y = convert_targets(y, num_examples, lin.num_outputs)
+    noise, prior_variance, hyper_record = _hyperparameters(
+        lin, x, y, likelihood, noise_variance, prior_variance, options
+    )
+
+    residual = y - tf.cast(lin._prior_mean_flat(x), tf.float64)  # [N, O]
+    problem = systems.RegressionProblem(lin, x, residual, noise, prior_variance)
+    chosen_space = _choose_space(options["space"], problem)
+    _logger.log(
+        _log_level(options),
+        "Adapting: N=%d, O=%d, P=%d, %s space.",
+        num_examples, lin.num_outputs, lin.num_parameters, chosen_space,
+    )
+    weights, records = problem.solve_weights(chosen_space, options)
+    if options["variance"] == "none":
+        root = tf.zeros([lin.num_parameters, 0], tf.float64)
+        eigenvalues = tf.zeros([0], tf.float64)
+    else:
+        root, eigenvalues, lanczos_record = problem.covariance_root(
+            chosen_space, options["variance_rank"], options["seed"]
+        )
+        records["lanczos"] = lanczos_record
+    records.update(hyper_record)
+    return RegressionPosterior(
+        likelihood=likelihoods.Gaussian(noise_variance=noise.numpy()),
+        weights=weights,
+        root=root,
+        eigenvalues=eigenvalues,
+        prior_variance=prior_variance,
+        convergence=records,
+        variance_method=options["variance"],
+        training_problem=problem if options["variance"] == "exact" else None,
+        solver_options=options,
+        space=chosen_space,
+    )
+
+
+def convert_targets(y, num_examples, num_outputs, name="y"):
+    """Convert regression targets to float64 [N, O] and validate them."""
+    if y is None:
+        raise ValueError(
+            f"`{name}` is required for regression; received None. Pass targets [N, O] "
+            "or a tf.data.Dataset of (x, y) pairs as `x`."
+        )
+    y = tf.convert_to_tensor(y)
+    if not (y.dtype.is_floating or y.dtype.is_integer):
+        raise TypeError(f"`{name}` must be numeric; received dtype {y.dtype.name}.")
+    y = tf.cast(y, tf.float64)
+    if y.shape.rank == 1 and num_outputs == 1:
+        y = y[:, None]
+    if y.shape.rank != 2 or y.shape[0] != num_examples or y.shape[1] != num_outputs:
+        hint = " For single-output models pass y of shape [N] or [N, 1]." if num_outputs == 1 else ""
+        raise ValueError(
+            f"`{name}` must be [N, O] with N={num_examples} (from `x`) and "
+            f"O={num_outputs} (model outputs); received {name}.shape="
+            f"{tuple(y.shape)}.{hint}"
+        )
+    return _checks.check_finite(name, y)
+
+
+def convert_noise_variance(noise_variance, num_outputs):
+    """Return σ² as a float64 vector [O] after validation."""
+    value = np.asarray(noise_variance, dtype=object if noise_variance is None else None)
+    if value.dtype.kind not in "fiu":
+        raise TypeError(
+            "`noise_variance` must be a float or a vector of length O; received "
+            f"{noise_variance!r}."
+        )
+    value = value.astype(np.float64)
+    if value.ndim == 0:
+        value = np.full([num_outputs], float(value))
+    if value.shape != (num_outputs,):
+        raise ValueError(
+            f"`noise_variance` must be a scalar or a vector of length O={num_outputs}; "
+            f"received shape {value.shape}."
+        )
+    if not np.all(np.isfinite(value)) or np.any(value <= 0):
+        raise ValueError(
+            f"`noise_variance` must be finite and > 0; received {value.tolist()}."
+        )
+    return tf.constant(value, tf.float64)
+
+
+def _hyperparameters(lin, x, y, likelihood, noise_variance, prior_variance, options):
+    """Return (noise [O], prior_variance, records) with σ² and s² fixed or fitted."""
+    if noise_variance is None and isinstance(likelihood, likelihoods.Gaussian):
+        noise_variance = likelihood.noise_variance
+    if prior_variance is not None:
+        prior_variance = _checks.check_positive_float("prior_variance", prior_variance)
+    if noise_variance is not None:
+        noise_variance = convert_noise_variance(noise_variance, lin.num_outputs)
+    if noise_variance is not None and prior_variance is not None:
+        return noise_variance, prior_variance, {}
+
+    from tf_linntk.inference import hyperparameters
+
+    fitted = hyperparameters.maximize_marginal_likelihood(
+        lin, x, y,
+        noise_variance=None if noise_variance is None else noise_variance.numpy(),
+        prior_variance=prior_variance,
+        seed=options["seed"],
+        on_nonconvergence=options["on_nonconvergence"],
+    )
+    noise = convert_noise_variance(fitted["noise_variance"], lin.num_outputs)
+    _logger.log(
+        _log_level(options),
+        "Marginal likelihood maximized: noise_variance=%s, prior_variance=%s.",
+        noise.numpy(), fitted["prior_variance"],
+    )
+    return noise, float(fitted["prior_variance"]), {"hyperparameters": fitted}
+
+
+def _unpack_dataset(dataset, y):
+    """Concatenate a batched tf.data.Dataset of (x, y) pairs into (x, y) tensors.
+
+    Every CG iteration passes over all the data, so the examples are held in
+    memory, as they are when arrays are passed.
+    """
+    if y is not None:
+        raise ValueError(
+            "`y` must be None when `x` is a tf.data.Dataset, because the dataset "
+            f"yields the targets; received y of type {type(y).__name__}."
+        )
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) != 2:
+        raise ValueError(
+            "`x` must be a batched tf.data.Dataset of (x, y) pairs; received a dataset "
+            f"with element_spec {spec}."
+        )
+    inputs, targets = [], []
+    for batch_x, batch_y in dataset:
+        inputs.append(batch_x)
+        targets.append(batch_y)
+    if not inputs:
+        raise ValueError("`x` must contain at least one example; received an empty dataset.")
+    x = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *inputs)
+    return x, tf.concat(targets, axis=0)
+
+
+def _choose_space(space, problem):
+    if space != "auto":
+        return space
+    return "function" if problem.function_size <= problem.parameter_size else "parameter"
+
+
+def _validate_options(
+    lin, space, fisher, tol, max_iterations, preconditioner, preconditioner_rank,
+    variance, variance_rank, seed, on_nonconvergence, verbose,
+):
+    return dict(
+        space=_checks.check_option("space", space, SPACES),
+        fisher=_checks.check_option("fisher", fisher, FISHER_METHODS),
+        tol=_checks.check_positive_float("tol", tol),
+        max_iterations=_checks.check_positive_int(
+            "max_iterations", max_iterations, allow_none=True
+        ),
+        preconditioner=_checks.check_option("preconditioner", preconditioner, PRECONDITIONERS),
+        preconditioner_rank=_checks.check_positive_int("preconditioner_rank", preconditioner_rank),
+        variance=_checks.check_option("variance", variance, VARIANCE_METHODS),
+        variance_rank=_checks.check_positive_int("variance_rank", variance_rank),
+        seed=_checks.check_seed("seed", seed),
+        on_nonconvergence=_checks.check_option(
+            "on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE
+        ),
+        verbose=_check_verbose(verbose),
+    )
+
+
+def _log_level(options):
+    """Return INFO for verbose=1 and DEBUG for verbose=0."""
+    return logging.INFO if options["verbose"] else logging.DEBUG
+
+
+def _check_verbose(verbose):
+    if isinstance(verbose, bool) or verbose not in (0, 1):
+        raise ValueError(f"`verbose` must be 0 or 1; received {verbose!r}.")
+    return verbose
+
