@@ -19,12 +19,15 @@ ties (so a Bernoulli p = 0.5 predicts 0).
 import numpy as np
 
 from tf_linntk import _checks
-from tf_linntk.likelihoods import Bernoulli, Categorical
+from tf_linntk.likelihoods import Bernoulli
+from tf_linntk.likelihoods import Categorical
+from tf_linntk.similarity import jacobian_similarity
 
 __all__ = [
     "accuracy",
     "expected_calibration_error",
     "gaussian_negative_log_likelihood",
+    "jacobian_similarity",
     "mean_squared_error",
     "negative_log_likelihood",
 ]
