@@ -342,3 +342,23 @@ def test_vjp_rejects_wrong_cotangents(zoo):
         lin.vjp(case.x, np.ones(12))
     with pytest.raises(TypeError, match="`cotangents` must be a float tensor"):
         lin.vjp(case.x, np.ones((4, 3), dtype=np.int32))
+
+
+def test_predict_follows_each_adapt():
+    """`predict` uses the latest posterior, even after it was compiled before `adapt`."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)]
+    )
+    lin = tf_linntk.LinearizedModel(model)
+    x = np.random.default_rng(0).normal(size=(20, 2)).astype("float32")
+    before = lin.predict(x, verbose=0)
+
+    lin.adapt(x, np.ones((20, 1)), noise_variance=1e-4)
+    after_first = lin.predict(x, verbose=0)
+    lin.adapt(x, -np.ones((20, 1)), noise_variance=1e-4)
+    after_second = lin.predict(x, verbose=0)
+
+    np.testing.assert_allclose(before, model.predict(x, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(after_first, np.ones((20, 1)), atol=0.05)
+    np.testing.assert_allclose(after_second, -np.ones((20, 1)), atol=0.05)

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import _model_checks
+from tf_linntk import distribute
 
 __all__ = ["FunctionalModel"]
 
@@ -82,6 +83,8 @@ class FunctionalModel:
             else int(self.output_projection.shape[-1])
         )
         self._compile()
+        strategy = distribute.active_strategy()
+        self._sharded = None if strategy is None else distribute.ShardedProducts(self, strategy)
 
     # ------------------------------------------------------------------ structure
 
@@ -153,13 +156,22 @@ class FunctionalModel:
 
     # ------------------------------------------------------------------ products
 
+    # Each product runs on this device, or sharded over the replicas when the
+    # FunctionalModel was built inside a multi-replica `tf.distribute` scope.
+
     def outputs(self, x):
         """Return f(θ₀, x) → [N, O], streamed over chunks."""
-        return self._outputs_fn(x)
+        if self._sharded is not None:
+            return self._sharded.outputs(x)
+        return self._single_device_outputs(x)
 
     def jvp(self, x, tangents):
         """Return J(x) v → [N, O] for a flat tangent vector v [P] (one forward-mode pass)."""
-        return self._jvp_fn(x, tangents)
+        # A tf.Variable argument would stay captured in the trace; pass its value.
+        tangents = tf.convert_to_tensor(tangents)
+        if self._sharded is not None:
+            return self._sharded.jvp(x, tangents)
+        return self._single_device_jvp(x, tangents)
 
     def jvp_batched(self, x, tangents):
         """Return J(x) V → [R, N, O] for tangents [R, P].
@@ -169,16 +181,59 @@ class FunctionalModel:
         V in one matrix product; otherwise the R forward-mode passes are
         vectorized with `tf.vectorized_map`.
         """
+        # A tf.Variable argument would stay captured in the trace; pass its value.
+        tangents = tf.convert_to_tensor(tangents)
+        if self._sharded is not None:
+            return self._sharded.jvp_batched(x, tangents)
+        return self._single_device_jvp_batched(x, tangents)
+
+    def vjp(self, x, cotangents):
+        """Return J(x)ᵀ u → [P] for cotangents u [N, O] (one reverse-mode pass)."""
+        # A tf.Variable argument would stay captured in the trace; pass its value.
+        cotangents = tf.convert_to_tensor(cotangents)
+        if self._sharded is not None:
+            return self._sharded.vjp(x, cotangents)
+        return self._single_device_vjp(x, cotangents)
+
+    def vjp_batched(self, x, cotangents):
+        """Return J(x)ᵀ U → [R, P] for cotangents [R, N, O] (see `jvp_batched` for the method)."""
+        # A tf.Variable argument would stay captured in the trace; pass its value.
+        cotangents = tf.convert_to_tensor(cotangents)
+        if self._sharded is not None:
+            return self._sharded.vjp_batched(x, cotangents)
+        return self._single_device_vjp_batched(x, cotangents)
+
+    def jacobian_sq_norms(self, x):
+        """Return ‖J(x)[n, o, :]‖² → [N, O], the exact diagonal of J Jᵀ."""
+        if self._sharded is not None:
+            return self._sharded.jacobian_sq_norms(x)
+        return self._single_device_jacobian_sq_norms(x)
+
+    @property
+    def is_sharded(self):
+        """Whether products are sharded over the replicas of a tf.distribute strategy."""
+        return self._sharded is not None
+
+    @property
+    def local(self):
+        """This model's single-device products, as used by each replica's shard."""
+        return _SingleDeviceProducts(self)
+
+    def _single_device_outputs(self, x):
+        return self._outputs_fn(x)
+
+    def _single_device_jvp(self, x, tangents):
+        return self._jvp_fn(x, tangents)
+
+    def _single_device_jvp_batched(self, x, tangents):
         if self._use_jacobian_products(tangents):
             return self._jvp_jacobian_fn(x, tangents)
         return self._jvp_batched_fn(x, tangents)
 
-    def vjp(self, x, cotangents):
-        """Return J(x)ᵀ u → [P] for cotangents u [N, O] (one reverse-mode pass)."""
+    def _single_device_vjp(self, x, cotangents):
         return self._vjp_fn(x, cotangents)
 
-    def vjp_batched(self, x, cotangents):
-        """Return J(x)ᵀ U → [R, P] for cotangents [R, N, O] (see `jvp_batched` for the method)."""
+    def _single_device_vjp_batched(self, x, cotangents):
         if self._use_jacobian_products(cotangents):
             return self._vjp_jacobian_fn(x, cotangents)
         return self._vjp_batched_fn(x, cotangents)
@@ -193,6 +248,8 @@ class FunctionalModel:
         Jᵀ u needs every chunk before J w can start, so the product is a VJP
         followed by a forward-mode JVP, each with its own forward pass.
         """
+        if self._sharded is not None:
+            return self.jvp(x, self.vjp(x, cotangents))
         if self._fits_one_chunk(x):
             return self._ntk_fused_fn(x, cotangents)
         return self._jvp_fn(x, self._vjp_fn(x, cotangents))
@@ -204,6 +261,8 @@ class FunctionalModel:
         per-chunk Jacobians, formed once when all N examples fit in one Jacobian
         chunk and twice otherwise.
         """
+        if self._sharded is not None:
+            return self.jvp_batched(x, self.vjp_batched(x, cotangents))
         if self._use_jacobian_products(cotangents):
             n = self.num_examples(x)
             if isinstance(n, int) and 0 < n <= self._jacobian_rows():
@@ -217,8 +276,7 @@ class FunctionalModel:
         """Return the dense Jacobian [N, O, P], vectorized per chunk with `tape.jacobian`."""
         return self._jacobian_fn(x)
 
-    def jacobian_sq_norms(self, x):
-        """Return ‖J(x)[n, o, :]‖² → [N, O], the exact diagonal of J Jᵀ."""
+    def _single_device_jacobian_sq_norms(self, x):
         return self._jacobian_sq_norms_fn(x)
 
     # ------------------------------------------------------------------ compiled bodies
@@ -478,6 +536,18 @@ class FunctionalModel:
                 outputs = self._model(example, training=False)
         shapes = [tuple(t.shape[1:]) for t in keras.tree.flatten(outputs)]
         return outputs, shapes
+
+
+class _SingleDeviceProducts:
+    """Single-device products of a FunctionalModel, bypassing any sharding."""
+
+    def __init__(self, functional):
+        self.outputs = functional._single_device_outputs
+        self.jvp = functional._single_device_jvp
+        self.jvp_batched = functional._single_device_jvp_batched
+        self.vjp = functional._single_device_vjp
+        self.vjp_batched = functional._single_device_vjp_batched
+        self.jacobian_sq_norms = functional._single_device_jacobian_sq_norms
 
 
 def _snapshot(variable):

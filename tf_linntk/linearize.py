@@ -4,18 +4,25 @@ The wrapper validates input and delegates: products to `autodiff`, kernels to
 `kernels`, Fisher operators to `fisher`, posterior inference to `inference`.
 """
 
+import inspect
+import logging
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_linntk import _checks
+from tf_linntk import _model_checks
 from tf_linntk import autodiff
 from tf_linntk import kernels
 from tf_linntk import likelihoods
+from tf_linntk.inference import base
 
 __all__ = ["LinearizedModel", "DEFAULT_MAX_DENSE_BYTES"]
 
 MEAN_FUNCTIONS = ("network", "zero")
+
+_logger = logging.getLogger(__name__)
 
 # Default size limit for an explicitly formed dense matrix (Jacobian, dense kernel,
 # joint covariance): 1 GiB. Larger requests raise instead of exhausting memory.
@@ -78,6 +85,10 @@ class LinearizedModel(keras.Model):
         max_dense_bytes=DEFAULT_MAX_DENSE_BYTES,
         **kwargs,
     ):
+        _model_checks.check_model(model)
+        # Compute in the wrapped model's dtype, so Keras does not cast float64
+        # inputs to the global float32 policy before `call`.
+        kwargs.setdefault("dtype", _model_checks.model_compute_dtype(model))
         super().__init__(**kwargs)
         self.mean = _checks.check_option("mean", mean, MEAN_FUNCTIONS)
         self.batch_size = _checks.check_positive_int("batch_size", batch_size)
@@ -226,6 +237,41 @@ class LinearizedModel(keras.Model):
         x2 = None if x2 is None else self._convert_x(x2, "x2")
         return kernels.NTKOperator(self._functional, x1, x2)
 
+    def fisher(self, x, likelihood="gaussian", method="ggn", epsilon=None, outputs=None):
+        """Build the Fisher / GGN operator F = Σᵢ Jᵢᵀ Hᵢ Jᵢ on x as a LinearOperator.
+
+        F is summed over the N examples (not averaged), so the parameter-space
+        posterior precision is F + I/s². Hᵢ is the likelihood's output-space
+        Hessian at f(xᵢ; θ₀), or at the given `outputs` (e.g. MAP logits).
+
+        Methods: "ggn" (exact, one JVP and one VJP per product), "autodiff"
+        (exact, double backpropagation of a KL loss), "finite_difference" (the
+        gradient of KL(p(y|θ₀) ‖ p(y|θ₀ + εv)) divided by ε: one extra forward
+        and one backward pass, error O(ε)), "central_difference" (two perturbed
+        passes, error O(ε²)). `tf_linntk.fisher.FisherOperator` documents the
+        costs and the measured errors.
+
+        Args:
+            x: inputs with N examples.
+            likelihood: "gaussian", "categorical", "bernoulli", or a
+                `tf_linntk.likelihoods.Likelihood` instance.
+            method: one of the methods above.
+            epsilon: finite-difference step > 0; None picks one from the dtype.
+            outputs: optional float [N, O] outputs or logits for the Hessians.
+
+        Returns:
+            A `tf_linntk.fisher.FisherOperator` of shape [P, P].
+
+        Raises:
+            TypeError: if `likelihood` or `outputs` has the wrong type.
+            ValueError: if an argument has an invalid value or shape.
+        """
+        from tf_linntk import fisher as fisher_module
+
+        return fisher_module.fisher_operator(
+            self, x, likelihood=likelihood, method=method, epsilon=epsilon, outputs=outputs
+        )
+
     # ------------------------------------------------------------------ adaptation
 
     def adapt(self, x, y=None, likelihood="gaussian", **options):
@@ -258,9 +304,16 @@ class LinearizedModel(keras.Model):
             TypeError: for an unknown option or a wrong argument type.
         """
         fit = _fitter(likelihoods.get_likelihood(likelihood))
+        _check_options(fit, options)
         posterior = fit(self, x, y, likelihood, **options)
-        object.__setattr__(self, "_posterior", posterior)
+        self._set_posterior(posterior)
         return self
+
+    def _set_posterior(self, posterior):
+        object.__setattr__(self, "_posterior", posterior)
+        # Keras caches the compiled `predict` graph, which holds the previous
+        # posterior; drop it so the next `predict` traces the new one.
+        self.predict_function = None
 
     def predictive_distribution(self, x, **options):
         """Return the posterior predictive distribution at x as a TFP distribution.
@@ -371,6 +424,8 @@ class LinearizedModel(keras.Model):
             output_projection=_projection_config(self._projection_config),
             max_dense_bytes=self.max_dense_bytes,
         )
+        if self._posterior is not None:
+            config["posterior"] = self._posterior.get_state()[0]
         return config
 
     @classmethod
@@ -380,7 +435,63 @@ class LinearizedModel(keras.Model):
         projection = config.get("output_projection")
         if isinstance(projection, list):
             config["output_projection"] = np.asarray(projection)
-        return cls(**config)
+        posterior_config = config.pop("posterior", None)
+        instance = cls(**config)
+        # The posterior's arrays arrive later, in `load_own_variables`.
+        object.__setattr__(instance, "_pending_posterior_config", posterior_config)
+        return instance
+
+    def export(self, filepath, format="tf_saved_model", verbose=True, input_signature=None):
+        """Export a SavedModel that serves the posterior predictive (for TF Serving).
+
+        The "serving_default" signature returns, for regression, "mean" [N, O],
+        "variance" [N, O] (predictive, noise included) and "latent_variance"
+        [N, O]; for classification, "probabilities" [N, C]; before `adapt`,
+        "mean" only. Loading needs only TensorFlow (`tf.saved_model.load`), not
+        tf_linntk or the training data.
+
+        Args:
+            filepath: directory to write.
+            format: "tf_saved_model", the only supported format.
+            verbose: whether to log the path written.
+            input_signature: optional `tf.TensorSpec` structure for the inputs;
+                by default the wrapped model's inputs with a free batch size.
+
+        Raises:
+            ValueError: for another `format`, or when the input shape is unknown
+                and no `input_signature` is given.
+        """
+        _checks.check_option("format", format, ("tf_saved_model",))
+        from tf_linntk import _export
+
+        _export.export_saved_model(self, filepath, input_signature)
+        if verbose:
+            _logger.info("Saved the serving artifact at %s.", filepath)
+
+    def save_own_variables(self, store):
+        """Save θ₀, the fixed state and the posterior arrays (Keras saving hook)."""
+        for index, variable in enumerate(self._functional.snapshot_variables):
+            store[f"snapshot_{index}"] = variable.numpy()
+        if self._posterior is not None:
+            _, arrays = self._posterior.get_state()
+            for name, array in arrays.items():
+                store[f"posterior_{name}"] = np.asarray(array)
+
+    def load_own_variables(self, store):
+        """Restore what `save_own_variables` saved (Keras loading hook)."""
+        snapshots = self._functional.snapshot_variables
+        for index, variable in enumerate(snapshots):
+            variable.assign(store[f"snapshot_{index}"])
+        posterior_config = getattr(self, "_pending_posterior_config", None)
+        if posterior_config is None:
+            return
+        arrays = {
+            key[len("posterior_"):]: np.asarray(store[key])
+            for key in store.keys()
+            if key.startswith("posterior_")
+        }
+        self._set_posterior(base.posterior_from_state(posterior_config, arrays))
+        object.__setattr__(self, "_pending_posterior_config", None)
 
 
 def _fitter(likelihood):
@@ -392,6 +503,18 @@ def _fitter(likelihood):
     from tf_linntk.inference import classification
 
     return classification.fit
+
+
+def _check_options(fit, options):
+    """Raise TypeError naming `adapt` for options the fit function does not take."""
+    parameters = inspect.signature(fit).parameters
+    accepted = [name for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"`adapt` got unknown option(s) {unknown} for this likelihood; valid "
+            f"options: {sorted(accepted)}."
+        )
 
 
 def _convert_float(value, name, dtype):
