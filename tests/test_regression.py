@@ -27,8 +27,6 @@ _TIGHT = dict(tol=1e-10, seed=0)
 
 def _wrap(model, **kwargs):
     """Return a LinearizedModel that computes in the model's dtype."""
-    # NOTE: LinearizedModel takes the global dtype policy, so under float32 Keras
-    # would round float64 inputs before `call`; test_linearize.py has the xfail.
     with reference.keras_float_dtype(model.dtype_policy.compute_dtype):
         return tf_linntk.LinearizedModel(model, **kwargs)
 
@@ -188,6 +186,23 @@ def test_latent_variance_lanczos_matches_exact(exact_lin):
 
     assert lin.posterior.variance_method == "exact"
     np.testing.assert_allclose(lanczos, exact, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("space", ["function", "parameter"])
+def test_latent_variance_randomized_matches_exact(exact_lin, space):
+    """With variance_rank ≥ rank(J) the randomized root gives the exact variances to 1e-8."""
+    lin, x, y = exact_lin["lin"], exact_lin["x"], exact_lin["y"]
+    x_test, _ = reference.regression_data(4, seed=2)
+    exact = _latent_variance(lin, x_test)
+
+    lin.adapt(
+        x, y, noise_variance=_NOISE_3, prior_variance=1.5, variance="randomized",
+        space=space, **_TIGHT,
+    )
+    randomized = _latent_variance(lin, x_test)
+
+    assert lin.posterior.convergence["lanczos"]["method"] == "randomized"
+    np.testing.assert_allclose(randomized, exact, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("variance", ["lanczos", "exact"])

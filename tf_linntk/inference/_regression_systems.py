@@ -16,6 +16,9 @@ from tf_linntk import solvers
 # the reduction needs far more digits than the posterior mean.
 EXACT_VARIANCE_TOL = 1e-10
 
+# Salt that keeps the randomized root's test matrix apart from other draws.
+RANDOMIZED_ROOT_SALT = 7
+
 # Ritz values at or below this fraction of the largest one are dropped from the
 # covariance root: they are rounding noise of a rank-deficient kernel.
 RITZ_RELATIVE_CUTOFF = 1e-12
@@ -150,8 +153,10 @@ class RegressionProblem:
 
     # ------------------------------------------------------------------ covariance
 
-    def covariance_root(self, space, rank, seed):
+    def covariance_root(self, space, rank, seed, method="lanczos"):
         """Return (U [P, k], θ [k], record): top Ritz pairs of Jᵀ D⁻¹ J = U diag(θ) Uᵀ."""
+        if method == "randomized":
+            return self._randomized_root(rank, seed)
         if space == "function":
             return self._root_from_function_space(rank, seed)
         return self._root_from_parameter_space(rank, seed)
@@ -178,6 +183,34 @@ class RegressionProblem:
             tf.float64,
         )  # [k, P]
         return tf.transpose(root), values, record
+
+    def _randomized_root(self, rank, seed):
+        """Top eigenpairs of Jᵀ D⁻¹ J by a randomized range finder and Rayleigh–Ritz.
+
+        Z = Jᵀ D^-1/2 Ω, for k Gaussian columns Ω, spans the dominant right
+        singular subspace of D^-1/2 J. With Z = Q R, B = D^-1/2 J Q and
+        Bᵀ B = W Θ Wᵀ, the Ritz pairs are U = Q W and θ. Cost: one batched VJP
+        and one batched JVP with k right-hand sides, plus O(P·k²); no sequential
+        matvecs, unlike Lanczos.
+        """
+        rank = min(rank, self.function_size, self.parameter_size)
+        dtype = self.functional.dtype
+        inv_sqrt_noise = tf.reshape(tf.math.rsqrt(self.noise_flat), [self.num_examples, -1])
+        seed_pair = tf.constant([0 if seed is None else seed, RANDOMIZED_ROOT_SALT], tf.int32)
+        omega = tf.random.stateless_normal(
+            [rank, self.num_examples, self.num_outputs], seed_pair, dtype=tf.float64
+        )  # [k, N, O]
+        sketch = self.functional.vjp_batched(self.x, tf.cast(omega * inv_sqrt_noise, dtype))
+        basis, _ = tf.linalg.qr(tf.transpose(tf.cast(sketch, tf.float64)))  # Q [P, k]
+        projected = self.functional.jvp_batched(self.x, tf.cast(tf.transpose(basis), dtype))
+        projected = tf.reshape(
+            tf.cast(projected, tf.float64) * inv_sqrt_noise, [rank, -1]
+        )  # B [k, N·O]
+        values, rotation = tf.linalg.eigh(tf.matmul(projected, projected, transpose_b=True))
+        values, rotation = tf.reverse(values, [0]), tf.reverse(rotation, [1])
+        values, vectors, record = _keep_significant(values, tf.matmul(basis, rotation))
+        record["method"] = "randomized"
+        return vectors, values, record
 
     def _root_from_parameter_space(self, rank, seed):
         rank = min(rank, self.parameter_size)

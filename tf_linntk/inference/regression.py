@@ -31,7 +31,7 @@ __all__ = ["fit", "SPACES", "VARIANCE_METHODS", "RegressionPosterior"]
 RegressionPosterior = regression_posterior.RegressionPosterior
 
 SPACES = ("auto", "function", "parameter")
-VARIANCE_METHODS = ("lanczos", "exact", "none")
+VARIANCE_METHODS = ("lanczos", "randomized", "exact", "none")
 PRECONDITIONERS = ("auto", "nystrom", "none")
 FISHER_METHODS = ("ggn", "autodiff", "finite_difference", "central_difference")
 ON_NONCONVERGENCE = ("warn", "raise", "ignore")
@@ -90,12 +90,15 @@ def fit(
             unknowns), "nystrom", or "none".
         preconditioner_rank: rank k of the preconditioner.
         variance: "lanczos" (cached low-rank covariance root, default),
-            "exact" (CG solves per test output at prediction time; keeps a
+            "randomized" (the same root from a randomized range finder: two
+            batched products with `variance_rank` columns instead of
+            `variance_rank` sequential Lanczos steps), "exact" (CG solves per test output at prediction time; keeps a
             reference to the training inputs, and still computes the Lanczos
             root for `covariance` and `sample`), or "none" (posterior mean
             only: no covariance is computed, and predictive variances and
             `sample` raise).
-        variance_rank: number of Lanczos steps for the covariance root.
+        variance_rank: number of Lanczos steps (or random columns) for the
+            covariance root.
         seed: int seed for the preconditioner sketch and the Lanczos start.
         on_nonconvergence: "warn", "raise" or "ignore" when CG stops early.
         verbose: 0 (silent) or 1 (log progress at INFO level).
@@ -136,7 +139,8 @@ def fit(
         eigenvalues = tf.zeros([0], tf.float64)
     else:
         root, eigenvalues, lanczos_record = problem.covariance_root(
-            chosen_space, options["variance_rank"], options["seed"]
+            chosen_space, options["variance_rank"], options["seed"],
+            method="randomized" if options["variance"] == "randomized" else "lanczos",
         )
         records["lanczos"] = lanczos_record
     records.update(hyper_record)

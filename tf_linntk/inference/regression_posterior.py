@@ -12,7 +12,8 @@ tfd = tfp.distributions
 
 __all__ = ["RegressionPosterior"]
 
-VARIANCE_METHODS = ("lanczos", "exact")
+# "lanczos" and "randomized" both use the cached low-rank covariance root.
+VARIANCE_METHODS = ("lanczos", "randomized", "exact")
 
 
 @base.register_posterior
@@ -30,7 +31,7 @@ class RegressionPosterior(base.Posterior):
         root: float64 [P, k], U.
         eigenvalues: float64 [k], θ.
         noise_variance: float64 [O], σ² per output.
-        variance_method: "lanczos", "exact" or "none", the default for
+        variance_method: "lanczos", "randomized", "exact" or "none", the default for
             predictions; "none" means no covariance was computed, so
             `covariance` is None and `sample` and predictive variances raise.
         space: "function" or "parameter", the space of the CG solve for w.
@@ -185,7 +186,8 @@ class RegressionPosterior(base.Posterior):
         Args:
             lin: the adapted `LinearizedModel`.
             x: converted inputs with N examples.
-            variance: "lanczos" or "exact"; defaults to the adapt-time choice.
+            variance: "lanczos" or "randomized" (the cached root) or "exact";
+                defaults to the adapt-time choice.
         """
         method = self._variance_method(variance)
         if _is_empty(lin.functional, x):
@@ -240,7 +242,8 @@ class RegressionPosterior(base.Posterior):
                 [N, O]; True for one `tfd.MultivariateNormalTriL` over the N·O
                 outputs (example-major event), limited by `max_dense_bytes`.
             include_noise: add σ² to the diagonal (predictive of y) or not (of f).
-            variance: "lanczos" or "exact"; defaults to the adapt-time choice.
+            variance: "lanczos" or "randomized" (the cached root) or "exact";
+                defaults to the adapt-time choice.
 
         Returns:
             A `tfd.Normal` or `tfd.MultivariateNormalTriL` in float64.
