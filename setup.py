@@ -33,7 +33,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", *_PLOTS_AND_DATA],
+        "test": ["pytest>=8", "ruff>=0.4", *_PLOTS_AND_DATA],
         "examples": _PLOTS_AND_DATA,
     },
     classifiers=[

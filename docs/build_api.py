@@ -18,10 +18,14 @@ MODULES = [
     "tf_linntk.solvers",
     "tf_linntk.preconditioners",
     "tf_linntk.inference.regression",
+    "tf_linntk.inference.regression_posterior",
+    "tf_linntk.inference.hyperparameters",
     "tf_linntk.inference.classification",
-    "tf_linntk.distributions",
+    "tf_linntk.inference.classification_posterior",
+    "tf_linntk.inference.variational",
     "tf_linntk.layers",
     "tf_linntk.metrics",
+    "tf_linntk.similarity",
     "tf_linntk.distribute",
 ]
 

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 import tf_linntk
-from tf_linntk import autodiff
 from tests import reference
+from tf_linntk import autodiff
 
 pytestmark = pytest.mark.usefixtures("float64")
 

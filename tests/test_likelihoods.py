@@ -5,14 +5,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_linntk.likelihoods import (
-    LIKELIHOOD_NAMES,
-    Bernoulli,
-    Categorical,
-    Gaussian,
-    Likelihood,
-    get_likelihood,
-)
+from tf_linntk.likelihoods import LIKELIHOOD_NAMES
+from tf_linntk.likelihoods import Bernoulli
+from tf_linntk.likelihoods import Categorical
+from tf_linntk.likelihoods import Gaussian
+from tf_linntk.likelihoods import Likelihood
+from tf_linntk.likelihoods import get_likelihood
 
 tfd = tfp.distributions
 

@@ -5,13 +5,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_linntk.metrics import (
-    accuracy,
-    expected_calibration_error,
-    gaussian_negative_log_likelihood,
-    mean_squared_error,
-    negative_log_likelihood,
-)
+from tf_linntk.metrics import accuracy
+from tf_linntk.metrics import expected_calibration_error
+from tf_linntk.metrics import gaussian_negative_log_likelihood
+from tf_linntk.metrics import mean_squared_error
+from tf_linntk.metrics import negative_log_likelihood
 
 # Six examples over three classes. Prediction, confidence and correctness:
 #   0: predicts 0 with 0.5,  label 0 -> correct

@@ -260,8 +260,9 @@ class Likelihood(abc.ABC):
         self._check_num_outputs(name, num_outputs)
         return f
 
-    def _check_num_outputs(self, name, num_outputs):
+    def _check_num_outputs(self, name, num_outputs):  # noqa: B027 (optional hook)
         """Raise ValueError if a known output count does not fit this likelihood."""
+        return None
 
     @abc.abstractmethod
     def _convert_labels(self, y, f):

@@ -92,9 +92,10 @@ def fit(
         variance: "lanczos" (cached low-rank covariance root, default),
             "randomized" (the same root from a randomized range finder: two
             batched products with `variance_rank` columns instead of
-            `variance_rank` sequential Lanczos steps), "exact" (CG solves per test output at prediction time; keeps a
-            reference to the training inputs, and still computes the Lanczos
-            root for `covariance` and `sample`), or "none" (posterior mean
+            `variance_rank` sequential Lanczos steps), "exact" (CG solves per
+            test output at prediction time; keeps a reference to the training
+            inputs, and still computes the Lanczos root for `covariance` and
+            `sample`), or "none" (posterior mean
             only: no covariance is computed, and predictive variances and
             `sample` raise).
         variance_rank: number of Lanczos steps (or random columns) for the
