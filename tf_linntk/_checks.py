@@ -28,6 +28,17 @@ def check_positive_int(name, value, allow_none=False):
     return int(value)
 
 
+def check_iteration_count(name, value, allow_none=False):
+    """Raise unless `value` is a positive integer below 2**31 (or None when allowed).
+
+    Iteration counters in the compiled loops are int32.
+    """
+    value = check_positive_int(name, value, allow_none)
+    if value is not None and value >= 2**31:
+        raise ValueError(f"`{name}` must be below 2**31; received {value}.")
+    return value
+
+
 def check_positive_float(name, value, allow_none=False):
     """Raise unless `value` is a finite real number > 0 (or None when allowed)."""
     if value is None and allow_none:

@@ -27,14 +27,18 @@ class NTKOperator(tf.linalg.LinearOperator):
         x1: converted input structure with N1 examples.
         x2: converted input structure with N2 examples, or None for x2 = x1.
         name: operator name.
+        check_dense_size: optional callable (shape, what, limit, alternative) that
+            raises when `to_dense` would form a matrix above the size limit;
+            `LinearizedModel.ntk` passes its `check_dense_size`.
 
     Example:
         >>> ntk = lin.ntk(x)                      # doctest: +SKIP
         >>> ntk.shape, ntk.matvec(v).shape        # doctest: +SKIP
     """
 
-    def __init__(self, functional, x1, x2=None, name="NTKOperator"):
+    def __init__(self, functional, x1, x2=None, name="NTKOperator", check_dense_size=None):
         self._functional = functional
+        self._check_dense_size = check_dense_size
         # `tf.Module` attribute tracking would wrap dict and list inputs in
         # `_DictWrapper`/`ListWrapper` objects, which `tf.function` cannot trace.
         object.__setattr__(self, "_x1", x1)
@@ -85,6 +89,15 @@ class NTKOperator(tf.linalg.LinearOperator):
         return tf.reshape(self._functional.jacobian_sq_norms(self._x1), [-1])  # [N·O]
 
     def _to_dense(self):
+        if self._check_dense_size is not None:
+            rows = max(self._num_rows, self._num_cols)
+            alternative = "use `matmul`/`matvec` products instead"
+            self._check_dense_size(
+                (rows, self._functional.num_parameters), "ntk(...).to_dense()", None, alternative
+            )
+            self._check_dense_size(
+                (self._num_rows, self._num_cols), "ntk(...).to_dense()", None, alternative
+            )
         j1 = self._jacobian_rows(self._x1)  # [N1·O, P]
         j2 = j1 if self._symmetric else self._jacobian_rows(self._x2)  # [N2·O, P]
         return tf.matmul(j1, j2, transpose_b=True)  # [N1·O, N2·O]

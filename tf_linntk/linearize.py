@@ -235,7 +235,9 @@ class LinearizedModel(keras.Model):
         """
         x1 = self._convert_x(x1, "x1")
         x2 = None if x2 is None else self._convert_x(x2, "x2")
-        return kernels.NTKOperator(self._functional, x1, x2)
+        return kernels.NTKOperator(
+            self._functional, x1, x2, check_dense_size=self.check_dense_size
+        )
 
     def fisher(self, x, likelihood="gaussian", method="ggn", epsilon=None, outputs=None):
         """Build the Fisher / GGN operator F = Σᵢ Jᵢᵀ Hᵢ Jᵢ on x as a LinearOperator.
@@ -303,7 +305,10 @@ class LinearizedModel(keras.Model):
                 argument.
             TypeError: for an unknown option or a wrong argument type.
         """
-        fit = _fitter(likelihoods.get_likelihood(likelihood))
+        likelihood_object = likelihoods.get_likelihood(likelihood)
+        if likelihood_object.name != "gaussian":
+            _check_logit_outputs(self.wrapped_model, likelihood_object.name)
+        fit = _fitter(likelihood_object)
         _check_options(fit, options)
         posterior = fit(self, x, y, likelihood, **options)
         self._set_posterior(posterior)
@@ -503,6 +508,21 @@ def _fitter(likelihood):
     from tf_linntk.inference import classification
 
     return classification.fit
+
+
+def _check_logit_outputs(model, likelihood_name):
+    """Raise ValueError if the model's last layer squashes its outputs into probabilities."""
+    last_layer = model.layers[-1] if model.layers else None
+    activation = getattr(last_layer, "activation", None)
+    names = {getattr(activation, "__name__", ""), type(last_layer).__name__.lower()}
+    squashing = sorted(names & {"softmax", "sigmoid", "log_softmax"})
+    if squashing:
+        raise ValueError(
+            f"`likelihood`={likelihood_name!r} needs a model that outputs logits, but the "
+            f"last layer of `model` ({last_layer.name!r}) applies {squashing[0]}. Wrap "
+            "the model without its final activation, e.g. a copy whose last Dense layer "
+            "has activation=None."
+        )
 
 
 def _check_options(fit, options):

@@ -386,7 +386,7 @@ def _convert_initial_guess(x0, rhs, was_vector, dtype):
 
 def _default_max_iterations(max_iterations, size):
     if max_iterations is not None:
-        return _checks.check_positive_int("max_iterations", max_iterations)
+        return _checks.check_iteration_count("max_iterations", max_iterations)
     if size is None:
         return _MAX_ITERATIONS_CAP
     return max(1, min(10 * size, _MAX_ITERATIONS_CAP))

@@ -380,7 +380,7 @@ def _validate_options(lin, merged):
         "optimizer": optimizer,
         "tol": _checks.check_positive_float("tol", merged["tol"], allow_none=True)
         or _DEFAULT_TOL[lin.functional.dtype],
-        "max_iterations": _checks.check_positive_int(
+        "max_iterations": _checks.check_iteration_count(
             "max_iterations", merged["max_iterations"], allow_none=True
         ) or _DEFAULT_MAX_ITERATIONS.get(optimizer),
         "variance_rank": _checks.check_positive_int("variance_rank", merged["variance_rank"]),

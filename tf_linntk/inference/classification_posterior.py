@@ -209,6 +209,17 @@ class ClassificationPosterior(base.Posterior):
         seed = base.stateless_seed(self.seed if options["seed"] is None else options["seed"])
         return _monte_carlo(self.likelihood, mean, covariance, count, seed)
 
+    @property
+    def variables(self):
+        """tf.Variables of the posterior; none, so an export embeds its tensors as constants."""
+        # NOTE: the weights and covariance factors are constants in an exported
+        # graph, which bounds exportable models by the 2 GiB GraphDef limit.
+        return []
+
+    def serving_outputs(self, lin, x):
+        """Return {"probabilities": [N, C]} (float64) for the serving signature and layers."""
+        return {"probabilities": tf.cast(self.class_probabilities(lin, x), tf.float64)}
+
     def predict_mean(self, lin, x):
         """Return the class probabilities with the default link, in the model's dtype."""
         return tf.cast(self.class_probabilities(lin, x), lin.functional.dtype)

@@ -245,6 +245,12 @@ def _unpack_dataset(dataset, y):
             "`y` must be None when `x` is a tf.data.Dataset, because the dataset "
             f"yields the targets; received y of type {type(y).__name__}."
         )
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            "`x` must be a finite tf.data.Dataset; received an infinite one (e.g. "
+            "from `.repeat()` without a count). Every CG iteration passes over all "
+            "of the data, so pass one pass of it."
+        )
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) != 2:
         raise ValueError(
@@ -275,7 +281,7 @@ def _validate_options(
         space=_checks.check_option("space", space, SPACES),
         fisher=_checks.check_option("fisher", fisher, FISHER_METHODS),
         tol=_checks.check_positive_float("tol", tol),
-        max_iterations=_checks.check_positive_int(
+        max_iterations=_checks.check_iteration_count(
             "max_iterations", max_iterations, allow_none=True
         ),
         preconditioner=_checks.check_option("preconditioner", preconditioner, PRECONDITIONERS),
