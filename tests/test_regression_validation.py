@@ -62,7 +62,7 @@ _INVALID_CASES = [
     ("space_unknown", dict(space="weights"), ValueError,
      r"`space` must be one of 'auto', 'function', 'parameter'; received 'weights'"),
     ("variance_unknown", dict(variance="diagonal"), ValueError,
-     r"`variance` must be one of 'lanczos', 'exact', 'none'; received 'diagonal'"),
+     r"`variance` must be one of 'lanczos', 'randomized', 'exact', 'none'; received 'diagonal'"),
     ("preconditioner_unknown", dict(preconditioner="cholesky"), ValueError,
      r"`preconditioner` must be one of 'auto', 'nystrom', 'none'; received 'cholesky'"),
     ("fisher_unknown", dict(fisher="kfac"), ValueError, r"`fisher` must be one of"),
@@ -115,7 +115,7 @@ def test_adapt_rejects_likelihood_noise_length():
         (dict(joint="yes"), TypeError, r"`joint` and `include_noise` must be bools"),
         (dict(include_noise=1), TypeError, r"`joint` and `include_noise` must be bools"),
         (dict(variance="none"), ValueError,
-         r"`variance` must be one of 'lanczos', 'exact'; received 'none'"),
+         r"`variance` must be one of 'lanczos', 'randomized', 'exact'; received 'none'"),
     ],
     ids=["joint_string", "include_noise_int", "variance_none"],
 )
