@@ -143,3 +143,25 @@ def stateless_seed(seed, salt):
 
 def all_finite(tensor):
     return tf.reduce_all(tf.math.is_finite(tensor))
+
+
+class CallableOperator(tf.linalg.LinearOperator):
+    """Self-adjoint float64 LinearOperator defined by a matmul callable."""
+
+    def __init__(self, matmul, size, name="CallableOperator"):
+        self._matmul_fn = matmul
+        self._size = int(size)
+        super().__init__(
+            dtype=tf.float64, is_self_adjoint=True, is_square=True, name=name
+        )
+
+    def _shape(self):
+        return tf.TensorShape([self._size, self._size])
+
+    def _shape_tensor(self):
+        return tf.constant([self._size, self._size], tf.int32)
+
+    def _matmul(self, x, adjoint=False, adjoint_arg=False):
+        if adjoint_arg:
+            x = tf.linalg.adjoint(x)
+        return self._matmul_fn(x)

@@ -16,6 +16,7 @@ import weakref
 
 import tensorflow as tf
 
+from tf_linntk import _operators
 from tf_linntk import solvers
 
 # Ritz values at or below this fraction of the largest one are rounding noise of a
@@ -153,8 +154,8 @@ class FitState:
         self._curvature_logits = _flexible_variable(prior_mean)
         self._shift = tf.Variable(tf.constant(0.0, tf.float64), trainable=False)
         size = functional.num_parameters
-        self.ggn = _CallableOperator(self._ggn_matmul, size)
-        self.precision = _CallableOperator(
+        self.ggn = _operators.CallableOperator(self._ggn_matmul, size)
+        self.precision = _operators.CallableOperator(
             lambda vectors: self._ggn_matmul(vectors) + self._shift * vectors, size
         )
         self.steps = {}
@@ -258,24 +259,3 @@ def _structure_key(x):
     leaves = tf.nest.flatten(x)
     return (str(tf.nest.map_structure(lambda _: 0, x)),
             tuple((leaf.dtype.name, tuple(leaf.shape[1:])) for leaf in leaves))
-
-
-class _CallableOperator(tf.linalg.LinearOperator):
-    """Self-adjoint float64 LinearOperator [size, size] defined by a matmul callable."""
-
-    def __init__(self, matmul, size):
-        self._matmul_fn = matmul
-        self._size = int(size)
-        super().__init__(dtype=tf.float64, is_self_adjoint=True, is_square=True,
-                         name="GLMOperator")
-
-    def _shape(self):
-        return tf.TensorShape([self._size, self._size])
-
-    def _shape_tensor(self):
-        return tf.constant([self._size, self._size], tf.int32)
-
-    def _matmul(self, x, adjoint=False, adjoint_arg=False):
-        if adjoint_arg:
-            x = tf.linalg.adjoint(x)
-        return self._matmul_fn(x)

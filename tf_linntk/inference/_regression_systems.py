@@ -7,6 +7,7 @@ examples), s² the prior variance, r = y − m(x) flattened example-major.
 
 import tensorflow as tf
 
+from tf_linntk import _operators
 from tf_linntk import likelihoods
 from tf_linntk import preconditioners
 from tf_linntk import solvers
@@ -292,26 +293,4 @@ def _keep_significant(values, vectors):
 
 def _operator(matmul, size):
     """Wrap a float64 matmul callable as a self-adjoint LinearOperator [size, size]."""
-    return _CallableOperator(matmul, size)
-
-
-class _CallableOperator(tf.linalg.LinearOperator):
-    """Self-adjoint float64 LinearOperator defined by a matmul callable."""
-
-    def __init__(self, matmul, size):
-        self._matmul_fn = matmul
-        self._size = int(size)
-        super().__init__(
-            dtype=tf.float64, is_self_adjoint=True, is_square=True, name="CallableOperator"
-        )
-
-    def _shape(self):
-        return tf.TensorShape([self._size, self._size])
-
-    def _shape_tensor(self):
-        return tf.constant([self._size, self._size], tf.int32)
-
-    def _matmul(self, x, adjoint=False, adjoint_arg=False):
-        if adjoint_arg:
-            x = tf.linalg.adjoint(x)
-        return self._matmul_fn(x)
+    return _operators.CallableOperator(matmul, size)
