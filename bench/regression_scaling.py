@@ -1,12 +1,12 @@
 """Time finite-NTK GP regression as the training size N and the parameter count P grow.
 
 Not a test. Workload: a tanh MLP 1 → W → W → 1 (P = W² + 4W + 1), briefly
-trained (Adam, minibatches of 100) on 1,000 points of y = 2 sin(1.2x + 0.5) +
-0.1ε with x ~ U(−5, 5). The GP uses mean="zero", prior variance 1 and noise
-variance 0.01, and predicts the mean and the latent variance on 1,000 test
-inputs on linspace(−7, 7). Two sweeps:
+trained (30 epochs of Adam in minibatches of 100) on 1,000 points of
+y = 2 sin(1.2x + 0.5) + 0.1ε with x ~ U(−5, 5). The GP uses mean="zero",
+prior variance 1 and noise variance 0.01, and predicts the mean and the
+latent variance on 1,000 test inputs on linspace(−7, 7). Two sweeps:
 
-* (a) N = 1k to 20k training points at W = 314 (P = 99,853);
+* (a) N = 1k to 10k training points at W = 314 (P = 99,853);
 * (b) W = 98 to 998 (P = 10k to 1M) at N = 1,000.
 
 For each size and space ("function": CG on s²K + σ²I, "parameter": CG on the
@@ -16,31 +16,34 @@ Gauss–Newton system), one subprocess reports:
   `lin.fisher(x, "gaussian", method="ggn").matvec` (parameter space), first
   call (tracing included) and the median of `--repeats` calls after two
   warm-up calls;
-* `adapt` + predictive mean and variance: the first call, and the median of
-  `--adapt-repeats` further calls on the same `LinearizedModel`; the CG
-  iterations of the mean solve and the Lanczos steps of the covariance root;
+* `adapt` + predictive mean and variance: the first call on the same
+  `LinearizedModel`, then the median of `--adapt-repeats` further calls when
+  the first took under `--warm-limit` seconds. The CG iterations of the mean
+  solve and the Lanczos steps of the covariance root come with it;
 * the peak resident memory of the subprocess (`getrusage` max RSS). The
-  launching process never imports TensorFlow, so its memory does not count.
+  launching process imports only NumPy, so no case's TensorFlow memory
+  counts toward another's.
 
 The same sweeps run a dense GP on the explicit Jacobian: J = `lin.jacobian`,
 K = J Jᵀ accumulated in float64 over column blocks of J, then
 `tf.linalg.cholesky`, wherever J (N·P float32 values) fits in
-`--max-jacobian-gib`. Its answers are the reference for the relative errors of
+`--max-jacobian-gib`. Its predictions are the reference for the relative errors of
 the iterative predictive mean and variance. Least-squares fits on log-log
 scales give the exponents of time against N and P, and the sizes where the
 iterative solve overtakes the dense one are reported (interpolated, or
-extrapolated from the fits when no measured size brackets them).
+extrapolated from the fits when no measured pair of sizes brackets them).
 
 A separate memory check runs N = 20,000 at W = 445 (P = 199,806) in function
 space with `--target-batch-size`.
 
 Run from the repository root:
 
-    python bench/regression_scaling.py --quick          # a small grid, about 3 minutes
-    python bench/regression_scaling.py                  # full grid and the memory check
-    python bench/regression_scaling.py --parts target   # only the memory check
+    python bench/regression_scaling.py --quick          # a small grid, 2 to 3 minutes on 2 cores
+    python bench/regression_scaling.py --parts n        # sweep (a) only
+    python bench/regression_scaling.py                  # both sweeps and the memory check
 
-The first output line names the machine, the library versions and the command.
+The first output line names the machine, the library versions, the load
+average and the command.
 """
 
 import argparse
@@ -67,17 +70,23 @@ GIB = 2.0**30
 
 # Grids: (N, W) pairs of each sweep, the memory check, and the training budget
 # of the source networks (Adam epochs over 1,000 points in minibatches of 100).
+# Sweep (a) leaves out N = 20,000 at P = 99,853: the two sweeps as they are took
+# about 9 minutes on a shared 2-core machine (load average 3 to 6), and the
+# memory check covers N = 20,000 at twice that P.
 FULL = dict(
-    n_sweep=[(1000, 314), (2000, 314), (5000, 314), (10000, 314), (20000, 314)],
+    n_sweep=[(1000, 314), (2000, 314), (5000, 314), (10000, 314)],
     p_sweep=[(1000, 98), (1000, 222), (1000, 314), (1000, 546), (1000, 998)],
     target=(20000, 445),
-    train_epochs=100,
+    train_epochs=30,
+    trimmed="Trimmed: sweep (a) stops at N = 10,000 instead of 20,000 to keep the two sweeps "
+            "near 10 minutes on 2 cores. The memory check runs N = 20,000 at P = 199,806.",
 )
 QUICK = dict(
-    n_sweep=[(500, 98), (1000, 98), (2000, 98)],
-    p_sweep=[(500, 48), (500, 98), (500, 222)],
+    n_sweep=[(500, 48), (2000, 48)],
+    p_sweep=[(500, 48), (500, 222)],
     target=(4000, 98),
     train_epochs=30,
+    trimmed="Quick run: a reduced grid, not the full one.",
 )
 
 
@@ -99,21 +108,23 @@ def main(argv=None):
         scratch = pathlib.Path(scratch)
         widths = sorted({w for part in ("n", "p") if part in parts for _, w in config[f"{part}_sweep"]}
                         | ({config["target"][1]} if "target" in parts else set()))
-        info = launch(dict(kind="prepare", widths=widths, epochs=config["train_epochs"],
-                           scratch=str(scratch), seed=args.seed), args.timeout)
+        epochs = config["train_epochs"] if args.train_epochs is None else args.train_epochs
+        load_at_start = os.getloadavg()[0]
+        info = launch(dict(kind="prepare", widths=widths, epochs=epochs, scratch=str(scratch),
+                           seed=args.seed), args.timeout)
         if "error" in info:
             sys.exit(f"Training the source networks failed:\n{info['error']}")
-        print(header_line(info))
+        print(header_line(info, load_at_start))
         print()
-        print(f"Source networks: {config['train_epochs']} Adam epochs on {NUM_SOURCE} points; "
+        print(f"Source networks: {epochs} Adam epochs on {NUM_SOURCE} points; "
               f"final training MSE per width: "
               + ", ".join(f"W={w}: {loss:.3g}" for w, loss in info["losses"].items()))
 
-        notes = []
+        runner = Runner(args, scratch)
         for part, title, axis in (("n", "(a) time against N", "N"), ("p", "(b) time against P", "P")):
             if part not in parts:
                 continue
-            rows = run_sweep(config[f"{part}_sweep"], spaces, args, scratch)
+            rows = runner.sweep(config[f"{part}_sweep"], spaces)
             print(f"\n## {title}\n")
             print(sweep_table(rows))
             print()
@@ -121,38 +132,41 @@ def main(argv=None):
             print()
             for line in crossover_lines(rows, axis, spaces):
                 print(line)
-            notes += [row["note"] for row in rows if row.get("note")]
         if "target" in parts:
             n, width = config["target"]
-            spec = dict(kind="iterative", n=n, width=width, space="function",
-                        batch_size=args.target_batch_size, repeats=args.repeats,
-                        adapt_repeats=0, scratch=str(scratch), seed=args.seed)
-            row = run_iterative(spec, args.timeout)
-            print(f"\n## Memory check: N = {n:,}, P = {row.get('p', width * width + 4 * width + 1):,}, "
-                  f"function space, batch_size = {args.target_batch_size}\n")
+            row = runner.iterative(n, width, "function", args.target_batch_size)
+            print(f"\n## Memory check: N = {n:,}, P = {num_parameters(width):,}, function space, "
+                  f"batch_size = {args.target_batch_size}\n")
             print(sweep_table([row]))
             if row.get("peak_rss_gib") is not None:
                 verdict = "under" if row["peak_rss_gib"] < 4.0 else "NOT under"
                 print(f"\nPeak RSS {row['peak_rss_gib']:.2f} GiB: {verdict} the 4 GiB target.")
-            notes += [row["note"]] if row.get("note") else []
 
     print("\nNotes:")
-    print(f"- Omitted from the grid asked for: {args.trimmed}" if args.trimmed else
-          "- Nothing trimmed from the configured grid.")
+    print(f"- {config['trimmed']}")
+    print(f"- 1-minute load average at the end: {os.getloadavg()[0]:.1f} (other jobs share the "
+          "machine when it exceeds nproc, and the timings then include waiting for a core).")
     print("- 'first' is the first call on a new LinearizedModel (tracing included). The adapt "
-          "call follows the matvec timing in the same process, so traces of the matvec products "
-          "are already done; 'warm' is the median of later calls (count in brackets).")
-    print("- Peak RSS is the max RSS of the whole subprocess: TensorFlow, the model, both "
-          "adapt calls and the matvec timing.")
-    for note in notes:
-        print(f"- {note}")
+          "call follows the matvec timing in the same process, so the matvec products are "
+          "already traced. 'warm' is the median of later calls (their count in brackets); they "
+          f"run only when the first call took under --warm-limit = {args.warm_limit:g} s. The "
+          "exponents and crossovers use the warm time, or the first time where no warm call "
+          "ran (marked *). The dense GP runs once on 50 training and 20 test inputs before its "
+          "timed calls, so all of them are warm.")
+    print("- Peak RSS is the max RSS of the whole subprocess: TensorFlow, the model, the matvec "
+          "timing and every adapt call.")
+    print("- Relative errors are ‖a − b‖/‖b‖ of the predictive mean and latent variance on the "
+          "1,000 test inputs, against the dense float64 GP of the same size.")
+    for row in runner.results.values():
+        if row.get("note"):
+            print(f"- {row['note']}")
     print(f"\nTotal wall time: {time.perf_counter() - start:.0f} s")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small grid (N ≤ 2,000, P ≤ 50k) and a small memory check")
+                        help="small grid (N ≤ 2,000, P ≤ 50k) and a memory check at N = 4,000")
     parser.add_argument("--parts", default="n,p,target",
                         help="comma-separated parts to run: n (sweep over N), p (sweep over P), "
                              "target (the memory check)")
@@ -160,18 +174,21 @@ def build_parser():
                         help="comma-separated solve spaces for the sweeps")
     parser.add_argument("--repeats", type=int, default=5, help="timed matvec calls per case")
     parser.add_argument("--adapt-repeats", type=int, default=1,
-                        help="timed adapt + predict calls per case after the first call")
+                        help="timed adapt + predict calls per case after the first call (only "
+                             "when the first call took under --warm-limit)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="`batch_size` of the LinearizedModel in the sweeps (examples per chunk)")
     parser.add_argument("--target-batch-size", type=int, default=128,
                         help="`batch_size` of the LinearizedModel in the memory check")
     parser.add_argument("--max-jacobian-gib", type=float, default=2.0,
                         help="largest dense Jacobian J [N, P] in GiB for which the dense GP runs")
+    parser.add_argument("--warm-limit", type=float, default=30.0,
+                        help="seconds: run the warm adapt calls only when the first call took less")
+    parser.add_argument("--train-epochs", type=int, default=None,
+                        help="Adam epochs of the source networks (default 30)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="wall-time limit in seconds of each subprocess")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and solvers")
-    parser.add_argument("--trimmed", default="",
-                        help="text printed in the notes to say which requested sizes were left out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
     return parser
@@ -208,44 +225,82 @@ def launch(spec, timeout):
         pathlib.Path(output).unlink(missing_ok=True)
 
 
-def run_sweep(sizes, spaces, args, scratch):
-    """Run every space and the dense GP at every (N, W); return the table rows."""
-    rows = []
-    for n, width in sizes:
-        common = dict(n=n, width=width, batch_size=args.batch_size, scratch=str(scratch),
-                      seed=args.seed)
-        p = width * width + 4 * width + 1
-        jacobian_gib = 4.0 * p * max(n, NUM_TEST) / GIB
-        if jacobian_gib <= args.max_jacobian_gib:
-            dense = launch(dict(common, kind="dense", adapt_repeats=args.adapt_repeats), args.timeout)
-            dense.update(method="dense", n=n, p=p)
+class Runner:
+    """Launches the measurement subprocesses and caches their results.
+
+    A case shared by both sweeps (same N, W and space) runs once. After the
+    library's default preconditioner raised in a space, later cases of that
+    space run with preconditioner="none" directly, which saves one subprocess
+    per case; each affected row is marked.
+    """
+
+    def __init__(self, args, scratch):
+        self.args = args
+        self.scratch = str(scratch)
+        self.results = {}
+        self.default_failed = {}
+
+    def sweep(self, sizes, spaces):
+        """Run every space and the dense GP at every (N, W); return the table rows."""
+        rows = []
+        for n, width in sizes:
+            dense = self.dense(n, width)
+            for space in spaces:
+                row = dict(self.iterative(n, width, space, self.args.batch_size))
+                if "mean_file" in dense and "mean_file" in row:
+                    row["mean_error"], row["variance_error"] = relative_errors(row, dense)
+                rows.append(row)
+            rows.append(dense)
+        return rows
+
+    def dense(self, n, width):
+        key = ("dense", n, width)
+        if key not in self.results:
+            p = num_parameters(width)
+            jacobian_gib = 4.0 * p * max(n, NUM_TEST) / GIB
+            if jacobian_gib <= self.args.max_jacobian_gib:
+                spec = dict(kind="dense", n=n, width=width, batch_size=self.args.batch_size,
+                            adapt_repeats=max(self.args.adapt_repeats, 1),
+                            warm_limit=self.args.warm_limit, scratch=self.scratch, seed=self.args.seed)
+                result = launch(spec, self.args.timeout)
+            else:
+                result = dict(skipped=f"skipped: J would take {jacobian_gib:.1f} GiB "
+                                      f"> {self.args.max_jacobian_gib:g} GiB")
+            self.results[key] = dict(result, method="dense", n=n, p=p)
+        return self.results[key]
+
+    def iterative(self, n, width, space, batch_size):
+        """Run one iterative case; if the default preconditioner raises, rerun without one."""
+        key = (space, n, width, batch_size)
+        if key in self.results:
+            return self.results[key]
+        spec = dict(kind="iterative", n=n, width=width, space=space, batch_size=batch_size,
+                    repeats=self.args.repeats, adapt_repeats=self.args.adapt_repeats,
+                    warm_limit=self.args.warm_limit, scratch=self.scratch, seed=self.args.seed)
+        note = None
+        if space in self.default_failed:
+            row = launch(dict(spec, preconditioner="none"), self.args.timeout)
+            note = (f"N={n:,}, W={width}, {space} space: run with preconditioner='none' because "
+                    f"the default raised at {self.default_failed[space]}.")
         else:
-            dense = dict(method="dense", n=n, p=p,
-                         skipped=f"J would take {jacobian_gib:.1f} GiB > {args.max_jacobian_gib:g} GiB")
-        for space in spaces:
-            spec = dict(common, kind="iterative", space=space, repeats=args.repeats,
-                        adapt_repeats=args.adapt_repeats)
-            row = run_iterative(spec, args.timeout)
-            if "mean_file" in dense and "mean_file" in row:
-                row["mean_error"], row["variance_error"] = relative_errors(row, dense)
-            rows.append(row)
-        rows.append(dense)
-    return rows
+            row = launch(dict(spec, preconditioner="auto"), self.args.timeout)
+            if "error" in row and "positive semi-definite" in row["error"]:
+                failure = row["error"].splitlines()[-1]
+                self.default_failed[space] = f"N={n:,}, W={width}"
+                row = launch(dict(spec, preconditioner="none"), self.args.timeout)
+                note = (f"N={n:,}, W={width}, {space} space: adapt with the default "
+                        f"preconditioner raised ({failure}); the row shows preconditioner='none'.")
+        if note is not None:
+            row.update(note=note, fallback=True)
+        row.update(method=space, n=n)
+        row.setdefault("p", num_parameters(width))
+        self.results[key] = row
+        return row
 
 
-def run_iterative(spec, timeout):
-    """Run one iterative case; if the default preconditioner fails, rerun without one."""
-    row = launch(dict(spec, preconditioner="auto"), timeout)
-    if "error" in row and "positive semi-definite" in row["error"]:
-        failure = row["error"].splitlines()[-1]
-        row = launch(dict(spec, preconditioner="none"), timeout)
-        row["note"] = (f"N={spec['n']:,}, W={spec['width']}, {spec['space']} space: adapt with the "
-                       f"default preconditioner raised ({failure}); the row shows "
-                       "preconditioner='none'.")
-        row["fallback"] = True
-    row.update(method=spec["space"], n=spec["n"])
-    row.setdefault("p", spec["width"] ** 2 + 4 * spec["width"] + 1)
-    return row
+def num_parameters(width):
+    """Return P of the MLP 1 → W → W → 1."""
+    return width * width + 4 * width + 1
 
 
 def relative_errors(row, dense):
@@ -260,7 +315,7 @@ def relative_errors(row, dense):
 # ---------------------------------------------------------------------- reporting
 
 
-def header_line(info):
+def header_line(info, load_average):
     cpu_model = "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as cpuinfo:
@@ -271,7 +326,8 @@ def header_line(info):
     command = "python " + shlex.join(sys.argv)
     return (f"machine: nproc={len(os.sched_getaffinity(0))}, CPU {cpu_model}; "
             f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, TFP {info['tfp']}, "
-            f"tf_linntk {info['tf_linntk']}; command: `{command}`")
+            f"tf_linntk {info['tf_linntk']}; 1-minute load average {load_average:.1f}; "
+            f"command: `{command}`")
 
 
 def sweep_table(rows):
@@ -316,66 +372,98 @@ def fitted_exponent(sizes, times):
 
 
 def _series(rows, method, key, axis):
-    points = [(row["n"] if axis == "N" else row["p"], row[key]) for row in rows
-              if row["method"] == method and row.get(key) is not None]
-    return [size for size, _ in points], [value for _, value in points]
+    """Return (sizes, values, first-only flags) of `key` for one method's rows.
+
+    `key` "adapt" takes the warm adapt time, or the first-call time (flagged)
+    where no warm call ran.
+    """
+    sizes, values, first_only = [], [], []
+    for row in rows:
+        if row["method"] != method:
+            continue
+        value, flag = row.get(key), False
+        if key == "adapt":
+            value = row.get("adapt_warm")
+            if value is None:
+                value, flag = row.get("adapt_first"), True
+        if value is not None:
+            sizes.append(row["n"] if axis == "N" else row["p"])
+            values.append(value)
+            first_only.append(flag)
+    return sizes, values, first_only
 
 
 def exponent_table(rows, axis, spaces):
     lines = [f"| quantity | method | fitted exponent of time vs {axis} | sizes fitted |",
              "|---|---|---|---|"]
-    for key, label in (("matvec_warm", "matvec"), ("adapt_warm", "adapt + predict")):
-        methods = list(spaces) + (["dense"] if key == "adapt_warm" else [])
+    for key, label in (("matvec_warm", "matvec"), ("adapt", "adapt + predict")):
+        methods = list(spaces) + (["dense"] if key == "adapt" else [])
         for method in methods:
-            sizes, times = _series(rows, method, key, axis)
+            sizes, times, first_only = _series(rows, method, key, axis)
             slope = fitted_exponent(sizes, times)
-            fitted = ", ".join(f"{s:,}" for s in sizes)
+            fitted = ", ".join(f"{s:,}" + ("*" if marked else "") for s, marked in zip(sizes, first_only))
             lines.append(f"| {label} | {method} | {_format(slope, '{:.2f}')} | {fitted} |")
     return "\n".join(lines)
 
 
 def crossover_lines(rows, axis, spaces):
-    """Describe where the fastest iterative solve overtakes the dense GP (warm times)."""
-    dense_sizes, dense_times = _series(rows, "dense", "adapt_warm", axis)
+    """Describe where the fastest iterative solve overtakes the dense GP.
+
+    Uses the adapt + predict times of `_series` (warm, or first where no warm
+    call ran).
+    """
+    dense_sizes, dense_times, _ = _series(rows, "dense", "adapt", axis)
     best = {}
     for space in spaces:
-        for size, value in zip(*_series(rows, space, "adapt_warm", axis)):
+        sizes, values, _ = _series(rows, space, "adapt", axis)
+        for size, value in zip(sizes, values):
             best[size] = min(best.get(size, np.inf), value)
-    common = [s for s in dense_sizes if s in best]
+    common = [size for size in dense_sizes if size in best]
     if not common:
         return [f"Crossover in {axis}: not measurable (no size with both a dense and an iterative time)."]
-    ratio = {s: dense_times[dense_sizes.index(s)] / best[s] for s in common}
-    lines = ["Dense time / fastest iterative time: "
-             + ", ".join(f"{axis}={s:,}: {ratio[s]:.2f}" for s in common)]
-    for low, high in zip(common, common[1:]):
-        if ratio[low] < 1.0 <= ratio[high]:
-            # Interpolate log(ratio) linearly in log(size) between the bracketing sizes.
-            t = -np.log(ratio[low]) / (np.log(ratio[high]) - np.log(ratio[low]))
-            crossing = float(np.exp(np.log(low) + t * (np.log(high) - np.log(low))))
-            lines.append(f"Crossover in {axis}: the iterative solve becomes faster between "
-                         f"{low:,} and {high:,} (log-log interpolation: about {crossing:,.0f}).")
-            return lines
+
+    ratio = {size: dense_times[dense_sizes.index(size)] / best[size] for size in common}
     iterative_sizes = sorted(best)
-    dense_slope = fitted_exponent(dense_sizes, dense_times)
-    iterative_slope = fitted_exponent(iterative_sizes, [best[s] for s in iterative_sizes])
-    if all(r >= 1.0 for r in ratio.values()):
-        lines.append(f"Crossover in {axis}: the iterative solve is already faster at the smallest "
-                     f"size measured ({common[0]:,}).")
-    elif dense_slope is not None and iterative_slope is not None and dense_slope > iterative_slope:
-        # Extrapolate both power laws from the largest common size.
-        last = common[-1]
-        crossing = last * ratio[last] ** (-1.0 / (dense_slope - iterative_slope))
-        lines.append(f"Crossover in {axis}: the dense GP is faster at every size where it ran; "
-                     f"extrapolating the fitted exponents ({dense_slope:.2f} dense, "
-                     f"{iterative_slope:.2f} iterative) gives an estimate of {crossing:,.0f}.")
-    else:
-        lines.append(f"Crossover in {axis}: the dense GP is faster at every size where it ran, "
-                     "and the fitted exponents give no crossing.")
+    slopes = (fitted_exponent(dense_sizes, dense_times),
+              fitted_exponent(iterative_sizes, [best[size] for size in iterative_sizes]))
+    lines = [
+        "Dense time / fastest iterative time: "
+        + ", ".join(f"{axis}={size:,}: {ratio[size]:.2f}" for size in common),
+        f"Crossover in {axis}: " + _crossover_sentence(common, ratio, slopes),
+    ]
+
     skipped = [row for row in rows if row["method"] == "dense" and "skipped" in row]
     if skipped:
         first = min(row["n"] if axis == "N" else row["p"] for row in skipped)
         lines.append(f"The dense GP did not run from {axis} = {first:,} on (Jacobian above the limit).")
     return lines
+
+
+def _crossover_sentence(sizes, ratio, slopes):
+    """Return where ratio = dense time / iterative time crosses 1, measured or estimated."""
+    for low, high in zip(sizes, sizes[1:]):
+        if ratio[low] < 1.0 <= ratio[high]:
+            # Interpolate log(ratio) linearly in log(size) between the bracketing sizes.
+            t = -np.log(ratio[low]) / (np.log(ratio[high]) - np.log(ratio[low]))
+            crossing = float(np.exp(np.log(low) + t * (np.log(high) - np.log(low))))
+            return (f"the iterative solve becomes faster between {low:,} and {high:,} "
+                    f"(log-log interpolation: about {crossing:,.0f}).")
+
+    dense_slope, iterative_slope = slopes
+    if all(value >= 1.0 for value in ratio.values()):
+        sentence = f"the iterative solve is faster at every size measured (from {sizes[0]:,})"
+        anchor = sizes[0]
+    elif all(value < 1.0 for value in ratio.values()):
+        sentence = "the dense GP is faster at every size where it ran"
+        anchor = sizes[-1]
+    else:
+        return "the ratio is not monotonic in size, so no crossover is estimated."
+    if dense_slope is None or iterative_slope is None or dense_slope <= iterative_slope:
+        return sentence + ", and the fitted exponents give no crossing."
+    # ratio(s) ≈ ratio(anchor)·(s/anchor)^(dense_slope − iterative_slope); solve ratio(s) = 1.
+    crossing = anchor * ratio[anchor] ** (-1.0 / (dense_slope - iterative_slope))
+    return (f"{sentence}; extrapolating the fitted exponents ({dense_slope:.2f} dense, "
+            f"{iterative_slope:.2f} iterative) gives an estimate of {crossing:,.0f}.")
 
 
 # ---------------------------------------------------------------------- worker subprocesses
@@ -419,7 +507,7 @@ def sinusoid_data(num_examples, seed):
     return x.astype("float32"), y.astype("float32")
 
 
-def test_inputs():
+def evaluation_inputs():
     return np.linspace(-7.0, 7.0, NUM_TEST)[:, None].astype("float32")
 
 
@@ -485,7 +573,7 @@ def measure_iterative(spec):
     import tf_linntk
 
     x, y = sinusoid_data(spec["n"], spec["seed"])
-    x_test = test_inputs()
+    x_test = evaluation_inputs()
     model = load_mlp(spec["scratch"], spec["width"])
     lin = tf_linntk.LinearizedModel(model, mean="zero", batch_size=spec["batch_size"])
     rng = np.random.default_rng(spec["seed"])
@@ -503,8 +591,10 @@ def measure_iterative(spec):
         predictive = lin.predictive_distribution(x_test, include_noise=False)
         return predictive.mean().numpy()[:, 0], predictive.variance().numpy()[:, 0]
 
-    adapt_first, adapt_times = _time_adapt(adapt_and_predict, spec["adapt_repeats"])
-    mean, variance = adapt_times.pop()
+    (adapt_first,), (mean, variance) = time_with_result(adapt_and_predict, 1)
+    adapt_times = []
+    if adapt_first < spec["warm_limit"] and spec["adapt_repeats"] > 0:
+        adapt_times, (mean, variance) = time_with_result(adapt_and_predict, spec["adapt_repeats"])
     record = lin.posterior.convergence
     mean_file = pathlib.Path(spec["scratch"]) / f"iterative_{spec['space']}_{spec['n']}_{spec['width']}.npz"
     np.savez(mean_file, mean=mean, variance=variance)
@@ -521,51 +611,59 @@ def measure_iterative(spec):
     )
 
 
-def _time_adapt(fn, repeats):
-    """Return (first-call seconds, [seconds of each later call..., last (mean, variance)])."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+def time_with_result(fn, count, limit=float("inf")):
+    """Call fn up to `count` times, stopping after a call that took `limit` seconds or more.
+
+    Returns:
+        (list of the seconds of each call, the last call's result).
+    """
+    times, result = [], None
+    for _ in range(count):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-    return first, times + [result]
+        if times[-1] >= limit:
+            break
+    return times, result
 
 
 def measure_dense(spec):
     """Time the dense GP: explicit Jacobians, float64 K = J Jᵀ, Cholesky, mean and variance."""
-    import tensorflow as tf
-
     import tf_linntk
 
     x, y = sinusoid_data(spec["n"], spec["seed"])
-    x_test = test_inputs()
+    x_test = evaluation_inputs()
     model = load_mlp(spec["scratch"], spec["width"])
     lin = tf_linntk.LinearizedModel(model, mean="zero", batch_size=spec["batch_size"])
-    limit = 4 * lin.num_parameters * max(spec["n"], NUM_TEST) + 1
-
-    def dense_gp():
-        jacobian = tf.reshape(lin.jacobian(x, max_dense_bytes=limit), [spec["n"], -1])  # [N, P]
-        test_jacobian = tf.reshape(lin.jacobian(x_test, max_dense_bytes=limit), [NUM_TEST, -1])
-        kernel, cross, test_diagonal = _dense_kernels(jacobian, test_jacobian)
-        del jacobian, test_jacobian
-        shifted = PRIOR_VARIANCE * kernel + NOISE_VARIANCE * tf.eye(spec["n"], dtype=tf.float64)
-        lower = tf.linalg.cholesky(shifted)  # [N, N]
-        alpha = tf.linalg.cholesky_solve(lower, tf.constant(y, tf.float64))  # [N, 1]
-        mean = PRIOR_VARIANCE * tf.matmul(cross, alpha)[:, 0]  # [T]
-        half = tf.linalg.triangular_solve(lower, tf.transpose(cross), lower=True)  # [N, T]
-        variance = (PRIOR_VARIANCE * test_diagonal
-                    - PRIOR_VARIANCE**2 * tf.reduce_sum(tf.square(half), axis=0))
-        return mean.numpy(), variance.numpy()
-
-    first, times = _time_adapt(dense_gp, spec["adapt_repeats"])
-    mean, variance = times.pop()
+    # A whole run on 50 training and 20 test inputs first: it traces `lin.jacobian`
+    # and creates the eager kernels, which otherwise cost about 1 s in the first call.
+    dense_gp(lin, x[:50], y[:50], x_test[:20])
+    times, (mean, variance) = time_with_result(
+        lambda: dense_gp(lin, x, y, x_test), spec["adapt_repeats"], spec["warm_limit"]
+    )
     mean_file = pathlib.Path(spec["scratch"]) / f"dense_{spec['n']}_{spec['width']}.npz"
     np.savez(mean_file, mean=mean, variance=variance)
-    return dict(p=lin.num_parameters, adapt_first=first, adapt_times=times,
-                adapt_warm=statistics.median(times) if times else None, mean_file=str(mean_file))
+    return dict(p=lin.num_parameters, adapt_times=times, adapt_warm=statistics.median(times),
+                mean_file=str(mean_file))
+
+
+def dense_gp(lin, x, y, x_test):
+    """Return the GP predictive mean [T] and latent variance [T] by a dense Cholesky factorization."""
+    import tensorflow as tf
+
+    n, num_test = len(x), len(x_test)
+    limit = 4 * lin.num_parameters * max(n, num_test) + 1
+    jacobian = tf.reshape(lin.jacobian(x, max_dense_bytes=limit), [n, -1])  # [N, P]
+    test_jacobian = tf.reshape(lin.jacobian(x_test, max_dense_bytes=limit), [num_test, -1])  # [T, P]
+    kernel, cross, test_diagonal = _dense_kernels(jacobian, test_jacobian)
+    del jacobian, test_jacobian
+    shifted = PRIOR_VARIANCE * kernel + NOISE_VARIANCE * tf.eye(n, dtype=tf.float64)
+    lower = tf.linalg.cholesky(shifted)  # [N, N]
+    alpha = tf.linalg.cholesky_solve(lower, tf.constant(y, tf.float64))  # [N, 1]
+    mean = PRIOR_VARIANCE * tf.matmul(cross, alpha)[:, 0]  # [T]
+    half = tf.linalg.triangular_solve(lower, tf.transpose(cross), lower=True)  # [N, T]
+    variance = PRIOR_VARIANCE * test_diagonal - PRIOR_VARIANCE**2 * tf.reduce_sum(tf.square(half), axis=0)
+    return mean.numpy(), variance.numpy()
 
 
 def _dense_kernels(jacobian, test_jacobian, block=8192):
@@ -573,7 +671,8 @@ def _dense_kernels(jacobian, test_jacobian, block=8192):
 
     The float32 Jacobians are cast to float64 one block of parameter columns at a
     time, so the extra memory is one block, not a float64 copy of J. Float32
-    products would leave errors near 1e-7·‖K‖, above σ² = 0.01 when ‖K‖ ~ 1e5.
+    sums would carry errors of order 1e-7·‖K‖ (an estimate), as large as
+    σ² = 0.01 once ‖K‖ reaches 1e5.
     """
     import tensorflow as tf
 

@@ -5,6 +5,8 @@ Notation: K = J Jᵀ [N·O, N·O], D = diag(noise) [N·O] (σ²_o tiled over
 examples), s² the prior variance, r = y − m(x) flattened example-major.
 """
 
+import logging
+
 import tensorflow as tf
 
 from tf_linntk import _operators
@@ -16,6 +18,8 @@ from tf_linntk import solvers
 # s² k** minus a reduction of almost the same size near the training inputs, so
 # the reduction needs far more digits than the posterior mean.
 EXACT_VARIANCE_TOL = 1e-10
+
+_logger = logging.getLogger(__name__)
 
 # Salt that keeps the randomized root's test matrix apart from other draws.
 RANDOMIZED_ROOT_SALT = 7
@@ -148,9 +152,17 @@ class RegressionProblem:
         choice = options["preconditioner"]
         if choice == "none" or (choice == "auto" and size <= 2 * rank):
             return None
-        return preconditioners.nystrom_preconditioner(
-            data_operator, rank, scale=scale, shift=shift, seed=options["seed"]
-        )
+        try:
+            return preconditioners.nystrom_preconditioner(
+                data_operator, rank, scale=scale, shift=shift, seed=options["seed"]
+            )
+        except ValueError as error:
+            # NOTE: a float32 Gauss–Newton sketch can fail the Nyström positivity
+            # check; CG then runs unpreconditioned (more iterations, same answer).
+            if choice == "nystrom":
+                raise
+            _logger.warning("Nyström preconditioner skipped: %s", error)
+            return None
 
     # ------------------------------------------------------------------ covariance
 
