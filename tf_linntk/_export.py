@@ -10,9 +10,9 @@ SERVING_SIGNATURE = "serving_default"
 def export_saved_model(lin, filepath, input_signature=None):
     """Write a SavedModel whose serving signature returns the posterior predictive.
 
-    The SavedModel needs neither tf_linntk nor the training data to load: its
-    graph holds the pure function of the network, and its variables hold θ₀, the
-    fixed state and the posterior (w and the covariance root).
+    The SavedModel needs neither tf_linntk nor the training data to load. Its
+    graph contains the pure function of the network, and its variables store θ₀,
+    the fixed state and the posterior (w and the covariance root).
 
     Outputs of the "serving_default" signature (and of the `serve` function):
         regression: "mean" [N, O] in the model's dtype, "variance" [N, O]

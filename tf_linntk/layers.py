@@ -147,7 +147,7 @@ class LinearizedOutput(keras.layers.Layer):
 
 
 def _is_regression(lin):
-    """Whether the (possibly still loading) posterior of `lin` is a regression one."""
+    """Return whether the posterior of `lin`, possibly still loading, is a regression one."""
     if lin.posterior is not None:
         return lin.posterior.likelihood.name == "gaussian"
     pending = getattr(lin, "_pending_posterior_config", None) or {}
