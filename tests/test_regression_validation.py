@@ -42,7 +42,7 @@ _INVALID_CASES = [
     ("y_nan", dict(y=np.where(np.arange(6)[:, None] == 2, np.nan, _Y)), ValueError,
      r"`y` must be finite; received 1 NaN or Inf"),
     ("y_inf", dict(y=np.full([6, 1], np.inf)), ValueError, r"`y` must be finite"),
-    ("y_string", dict(y=np.array([["a"]] * 6)), TypeError, r"`y` must be numeric"),
+    ("y_string", dict(y=np.array([["a"]] * 6)), TypeError, r"`y` must be a numeric tensor \[N, O\]"),
     ("noise_zero", dict(noise_variance=0.0), ValueError,
      r"`noise_variance` must be finite and > 0; received \[0.0\]"),
     ("noise_negative", dict(noise_variance=-1.0), ValueError,

@@ -24,6 +24,7 @@ import tensorflow_probability as tfp
 
 from tf_linntk import _checks
 from tf_linntk import solvers
+from tf_linntk.inference import _targets
 from tf_linntk.inference import base
 
 __all__ = [
@@ -126,7 +127,7 @@ def log_marginal_likelihood(
         >>> value.shape, value.dtype                               # doctest: +SKIP
         (TensorShape([]), tf.float64)
     """
-    noise = _convert_noise_variance(noise_variance, lin.num_outputs)
+    noise = _targets.convert_noise_variance(noise_variance, lin.num_outputs)
     prior = _convert_prior_variance(prior_variance)
     method = _checks.check_option("method", method, LOG_MARGINAL_LIKELIHOOD_METHODS)
     num_probes = _checks.check_positive_int("num_probes", num_probes)
@@ -294,49 +295,10 @@ def _prepare_problem(lin, x, y):
         raise ValueError("`x` must have a known number of examples N; received a dynamic batch size.")
     if num_examples == 0:
         raise ValueError("`x` must contain at least one example; received N=0.")
-    targets = _convert_targets(y, num_examples, lin.num_outputs)
+    targets = _targets.convert_targets(y, num_examples, lin.num_outputs)
     mean = tf.cast(lin.prior_mean(x), tf.float64)  # [N, O]
     residual = tf.reshape(targets - mean, [-1])  # [N·O]
     return _Problem(lin.ntk(x), residual, num_examples, lin.num_outputs)
-
-
-def _convert_targets(y, num_examples, num_outputs):
-    """Return y as float64 [N, O] after checking its kind, shape and values."""
-    if y is None:
-        raise ValueError("`y` is required; received None. Pass regression targets [N, O].")
-    y = tf.convert_to_tensor(y)
-    if not (y.dtype.is_floating or y.dtype.is_integer):
-        raise TypeError(f"`y` must be a numeric tensor [N, O]; received dtype {y.dtype.name}.")
-    y = tf.cast(y, tf.float64)
-    if y.shape.rank == 1 and num_outputs == 1:
-        y = y[:, None]  # [N, 1]
-    if y.shape.rank != 2 or tuple(y.shape) != (num_examples, num_outputs):
-        hint = " For single-output models y may also be [N]." if num_outputs == 1 else ""
-        raise ValueError(
-            f"`y` must be [N, O] with N={num_examples} (from `x`) and O={num_outputs} "
-            f"(model outputs); received y.shape={tuple(y.shape)}.{hint}"
-        )
-    return _checks.check_finite("y", y)
-
-
-def _convert_noise_variance(noise_variance, num_outputs):
-    """Return σ² as a float64 vector [O] after checking its kind, shape and values."""
-    value = np.asarray(noise_variance, dtype=object if noise_variance is None else None)
-    if value.dtype.kind not in "fiu":
-        raise TypeError(
-            f"`noise_variance` must be a float or a float vector [O]; received {noise_variance!r}."
-        )
-    value = value.astype(np.float64)
-    if value.ndim == 0:
-        value = np.full([num_outputs], float(value))
-    if value.shape != (num_outputs,):
-        raise ValueError(
-            f"`noise_variance` must be a scalar or a vector of length O={num_outputs} "
-            f"(model outputs); received shape {value.shape}."
-        )
-    if not np.all(np.isfinite(value)) or np.any(value <= 0):
-        raise ValueError(f"`noise_variance` must be finite and > 0; received {value.tolist()}.")
-    return tf.constant(value, tf.float64)
 
 
 def _convert_prior_variance(prior_variance):
@@ -359,7 +321,7 @@ def _fixed_values(lin, noise_variance, prior_variance, per_output_noise):
             "`per_output_noise`=True fits σ², so `noise_variance` must be None; received "
             f"noise_variance={noise_variance!r}. Pass one or the other."
         )
-    noise = None if noise_variance is None else _convert_noise_variance(
+    noise = None if noise_variance is None else _targets.convert_noise_variance(
         noise_variance, lin.num_outputs
     )
     prior = None if prior_variance is None else _convert_prior_variance(prior_variance)

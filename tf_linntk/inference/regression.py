@@ -11,19 +11,19 @@ solves give w:
   Gauss–Newton system whose matvec is one JVP and one VJP (or another Fisher
   product from `tf_linntk.fisher`).
 
-Σ is kept as s² I − U diag(d) Uᵀ with U [P, k] spanning the top-k eigenvectors
-of Jᵀ D⁻¹ J, found by Lanczos (the LOVE idea of Pleiss et al., 2018), so a saved
-model predicts means and variances without its training data.
+Σ is kept as s² I − U diag(d) Uᵀ, where U [P, k] spans the top-k eigenvectors of
+Jᵀ D⁻¹ J found by Lanczos (the LOVE idea of Pleiss et al., 2018). A saved model
+therefore predicts means and variances without its training data.
 """
 
 import logging
 
-import numpy as np
 import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import likelihoods
 from tf_linntk.inference import _regression_systems as systems
+from tf_linntk.inference import _targets
 from tf_linntk.inference import regression_posterior
 
 __all__ = ["fit", "SPACES", "VARIANCE_METHODS", "RegressionPosterior"]
@@ -61,11 +61,11 @@ def fit(
 ):
     """Compute the GP posterior of the linearized network given regression data.
 
-    Cost: one forward pass for m(x); then CG iterations, each one JVP and one VJP
-    over x (a rank-k Nyström preconditioner first costs one batched product with
-    k right-hand sides); then `variance_rank` Lanczos steps of one JVP and one
-    VJP each, plus one batched VJP or JVP with k right-hand sides. Memory is
-    O(batch · activations + k·(P + N·O)).
+    Cost: one forward pass for m(x), then CG iterations of one JVP and one VJP
+    over x each. A rank-k Nyström preconditioner first costs one batched product
+    with k right-hand sides. The covariance root then takes `variance_rank`
+    Lanczos steps of one JVP and one VJP each, plus one batched VJP or JVP with k
+    right-hand sides. Memory is O(batch · activations + k·(P + N·O)).
 
     Args:
         lin: the `LinearizedModel`.
@@ -121,7 +121,7 @@ def fit(
     num_examples = lin.functional.num_examples(x)
     if num_examples == 0:
         raise ValueError("`x` must contain at least one example; received N=0.")
-    y = convert_targets(y, num_examples, lin.num_outputs)
+    y = _targets.convert_targets(y, num_examples, lin.num_outputs)
     noise, prior_variance, hyper_record = _hyperparameters(
         lin, x, y, likelihood, noise_variance, prior_variance, options
     )
@@ -159,52 +159,6 @@ def fit(
     )
 
 
-def convert_targets(y, num_examples, num_outputs, name="y"):
-    """Convert regression targets to float64 [N, O] and validate them."""
-    if y is None:
-        raise ValueError(
-            f"`{name}` is required for regression; received None. Pass targets [N, O] "
-            "or a tf.data.Dataset of (x, y) pairs as `x`."
-        )
-    y = tf.convert_to_tensor(y)
-    if not (y.dtype.is_floating or y.dtype.is_integer):
-        raise TypeError(f"`{name}` must be numeric; received dtype {y.dtype.name}.")
-    y = tf.cast(y, tf.float64)
-    if y.shape.rank == 1 and num_outputs == 1:
-        y = y[:, None]
-    if y.shape.rank != 2 or y.shape[0] != num_examples or y.shape[1] != num_outputs:
-        hint = " For single-output models pass y of shape [N] or [N, 1]." if num_outputs == 1 else ""
-        raise ValueError(
-            f"`{name}` must be [N, O] with N={num_examples} (from `x`) and "
-            f"O={num_outputs} (model outputs); received {name}.shape="
-            f"{tuple(y.shape)}.{hint}"
-        )
-    return _checks.check_finite(name, y)
-
-
-def convert_noise_variance(noise_variance, num_outputs):
-    """Return σ² as a float64 vector [O] after validation."""
-    value = np.asarray(noise_variance, dtype=object if noise_variance is None else None)
-    if value.dtype.kind not in "fiu":
-        raise TypeError(
-            "`noise_variance` must be a float or a vector of length O; received "
-            f"{noise_variance!r}."
-        )
-    value = value.astype(np.float64)
-    if value.ndim == 0:
-        value = np.full([num_outputs], float(value))
-    if value.shape != (num_outputs,):
-        raise ValueError(
-            f"`noise_variance` must be a scalar or a vector of length O={num_outputs}; "
-            f"received shape {value.shape}."
-        )
-    if not np.all(np.isfinite(value)) or np.any(value <= 0):
-        raise ValueError(
-            f"`noise_variance` must be finite and > 0; received {value.tolist()}."
-        )
-    return tf.constant(value, tf.float64)
-
-
 def _hyperparameters(lin, x, y, likelihood, noise_variance, prior_variance, options):
     """Return (noise [O], prior_variance, records) with σ² and s² fixed or fitted."""
     if noise_variance is None and isinstance(likelihood, likelihoods.Gaussian):
@@ -212,7 +166,7 @@ def _hyperparameters(lin, x, y, likelihood, noise_variance, prior_variance, opti
     if prior_variance is not None:
         prior_variance = _checks.check_positive_float("prior_variance", prior_variance)
     if noise_variance is not None:
-        noise_variance = convert_noise_variance(noise_variance, lin.num_outputs)
+        noise_variance = _targets.convert_noise_variance(noise_variance, lin.num_outputs)
     if noise_variance is not None and prior_variance is not None:
         return noise_variance, prior_variance, {}
 
@@ -225,7 +179,7 @@ def _hyperparameters(lin, x, y, likelihood, noise_variance, prior_variance, opti
         seed=options["seed"],
         on_nonconvergence=options["on_nonconvergence"],
     )
-    noise = convert_noise_variance(fitted["noise_variance"], lin.num_outputs)
+    noise = _targets.convert_noise_variance(fitted["noise_variance"], lin.num_outputs)
     _logger.log(
         _log_level(options),
         "Marginal likelihood maximized: noise_variance=%s, prior_variance=%s.",
