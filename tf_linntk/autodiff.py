@@ -25,7 +25,7 @@ from tf_linntk import distribute
 __all__ = ["FunctionalModel"]
 
 # Chunks of dense Jacobian rows are sized so that one chunk stays below this many
-# bytes; the size is a memory bound, not a tuning result.
+# bytes. The size is a memory bound, not a tuning result.
 JACOBIAN_CHUNK_BYTES = 256 * 2**20
 
 # Batched products form per-chunk Jacobians when the number of right-hand sides

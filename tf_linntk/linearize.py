@@ -36,8 +36,8 @@ class LinearizedModel(keras.Model):
     f_lin(x; θ') = m(x) + J(x) (θ' − θ₀), with J(x) = ∂f(x; θ)/∂θ at θ₀ [N·O, P]
     and mean function m(x) = f(x; θ₀) (`mean="network"`) or 0 (`mean="zero"`).
     `adapt(x, y)` puts the prior θ' − θ₀ ~ N(0, s² I) on the weights and computes
-    the posterior given target data; calls then return the posterior predictive
-    mean. Before `adapt` they return m(x).
+    the posterior given target data. Calls then return the posterior predictive
+    mean, and before `adapt` they return m(x).
 
     The wrapped model is evaluated with `training=False` on snapshots of its
     variables taken at construction: its own variables are never assigned and are
@@ -287,9 +287,9 @@ class LinearizedModel(keras.Model):
 
         Args:
             x: target inputs with N examples (array, tensor, tuple/list/dict).
-            y: targets: float [N] or [N, O] for regression; integer class ids [N]
-                (or one-hot [N, O]) for "categorical"; 0/1 labels [N] or [N, 1]
-                for "bernoulli".
+            y: targets. Regression takes floats [N] or [N, O], "categorical"
+                takes integer class ids [N] or one-hot rows [N, O], and
+                "bernoulli" takes 0/1 labels [N] or [N, 1].
             likelihood: "gaussian", "categorical", "bernoulli", or a
                 `tf_linntk.likelihoods.Likelihood` instance carrying parameters.
             **options: inference options such as `prior_variance`,
@@ -316,8 +316,8 @@ class LinearizedModel(keras.Model):
 
     def _set_posterior(self, posterior):
         object.__setattr__(self, "_posterior", posterior)
-        # Keras caches the compiled `predict` graph, which holds the previous
-        # posterior; drop it so the next `predict` traces the new one.
+        # Keras caches the compiled `predict` graph, which contains the previous
+        # posterior. Dropping it makes the next `predict` trace the new one.
         self.predict_function = None
 
     def predictive_distribution(self, x, **options):
@@ -359,8 +359,8 @@ class LinearizedModel(keras.Model):
     def call(self, inputs, training=None):
         """Return the predictive mean (class probabilities for classification).
 
-        Before `adapt` this is m(x) in the model's output shape; after it, the
-        posterior's predictive mean, in the same shape for regression and [N, C]
+        Before `adapt` this is m(x) in the model's output shape. After it, this is
+        the posterior's predictive mean: the same shape for regression, and [N, C]
         probabilities for classification.
         """
         x = self._functional.convert_inputs(inputs)

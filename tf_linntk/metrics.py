@@ -56,7 +56,7 @@ def accuracy(labels, probs):
 
     Raises:
         TypeError: If `labels` or `probs` has a non-numeric dtype.
-        ValueError: If the shapes disagree or `probs` holds invalid probabilities.
+        ValueError: If the shapes disagree or `probs` contains invalid probabilities.
     """
     labels, probs = _prepare_classification(labels, probs)
     predictions = np.argmax(probs, axis=1)  # [N]
@@ -80,7 +80,7 @@ def negative_log_likelihood(labels, probs):
 
     Raises:
         TypeError: If `labels` or `probs` has a non-numeric dtype.
-        ValueError: If the shapes disagree or `probs` holds invalid probabilities.
+        ValueError: If the shapes disagree or `probs` contains invalid probabilities.
     """
     labels, probs = _prepare_classification(labels, probs)
     label_probs = probs[np.arange(probs.shape[0]), labels]  # [N]
@@ -91,8 +91,8 @@ def expected_calibration_error(labels, probs, num_bins=15):
     """Compute the expected calibration error of the top-label confidence.
 
     ECE = Σ_b (n_b / N) |acc_b − conf_b|, where the confidence of example n is
-    max_c probs[n, c], bin b = 0, …, B−1 holds the n_b examples with confidence in
-    [b/B, (b+1)/B) (the last bin also holds confidence 1), acc_b is the fraction
+    max_c probs[n, c], bin b = 0, …, B−1 contains the n_b examples with confidence in
+    [b/B, (b+1)/B) (the last bin also contains confidence 1), acc_b is the fraction
     of them predicted correctly and conf_b their mean confidence. Empty bins add
     nothing. The bins match `tfp.stats.expected_calibration_error` of TFP 0.25,
     which takes logits and computes in float32.
@@ -110,7 +110,7 @@ def expected_calibration_error(labels, probs, num_bins=15):
     Raises:
         TypeError: If `num_bins` is not an int, or `labels` or `probs` has a
             non-numeric dtype.
-        ValueError: If `num_bins` <= 0, the shapes disagree, or `probs` holds
+        ValueError: If `num_bins` <= 0, the shapes disagree, or `probs` contains
             invalid probabilities.
     """
     num_bins = _checks.check_positive_int("num_bins", num_bins)

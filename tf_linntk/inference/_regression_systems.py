@@ -158,7 +158,7 @@ class RegressionProblem:
             )
         except ValueError as error:
             # NOTE: a float32 Gauss–Newton sketch can fail the Nyström positivity
-            # check; CG then runs unpreconditioned (more iterations, same answer).
+            # check. CG then runs unpreconditioned: more iterations, same solution.
             if choice == "nystrom":
                 raise
             _logger.warning("Nyström preconditioner skipped: %s", error)

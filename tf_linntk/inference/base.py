@@ -128,8 +128,8 @@ class Posterior(abc.ABC):
     def get_state(self):
         """Return (config, arrays): a JSON-compatible dict and a dict of NumPy arrays.
 
-        `config` holds "class_name" and every scalar setting; `arrays` holds the
-        tensors (w, covariance root, ...). `posterior_from_state` inverts it.
+        `config` contains "class_name" and every scalar setting, and `arrays`
+        contains the tensors (w, covariance root, ...). `posterior_from_state` inverts it.
         Subclasses that can be saved override this and `from_state`.
         """
         raise NotImplementedError(

@@ -32,8 +32,8 @@ class RegressionPosterior(base.Posterior):
         eigenvalues: float64 [k], θ.
         noise_variance: float64 [O], σ² per output.
         variance_method: "lanczos", "randomized", "exact" or "none", the default for
-            predictions; "none" means no covariance was computed, so
-            `covariance` is None and `sample` and predictive variances raise.
+            predictions. With "none" no covariance was computed, so `covariance`
+            is None and `sample` and predictive variances raise.
         space: "function" or "parameter", the space of the CG solve for w.
     """
 
