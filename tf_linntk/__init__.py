@@ -1,5 +1,7 @@
 """tf_linntk: fast adaptation of trained Keras networks with linearized models."""
 
+import logging
+
 from tf_linntk import fisher
 from tf_linntk import layers
 from tf_linntk import likelihoods
@@ -21,6 +23,11 @@ from tf_linntk.solvers import ConvergenceRecord
 from tf_linntk.solvers import ConvergenceWarning
 
 __version__ = "0.1.0"
+
+# The Python logging HOWTO advises libraries to add only a NullHandler. It prints
+# nothing, so without logging configured by the application, WARNING records no
+# longer reach stderr next to the ConvergenceWarning that reports the same event.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "Bernoulli",

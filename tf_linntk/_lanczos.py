@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import _operators
+from tf_linntk import _progress
 
 _logger = logging.getLogger("tf_linntk.solvers")
 
@@ -17,7 +18,7 @@ _BREAKDOWN_FACTOR = 1000.0
 _LANCZOS_SALT = 1
 
 
-def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64):
+def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64, verbose=0):
     """Tridiagonalize a symmetric operator with Lanczos and full reorthogonalization.
 
     Builds an orthonormal basis Q [M, k] of the Krylov space
@@ -36,6 +37,15 @@ def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64
     Cost: k matvecs with one column each, plus O(M·k²) for the
     reorthogonalization and an [M, k] buffer.
 
+    Progress and logging: at `verbose=1` the loop runs in compiled chunks of
+    iterations, as in `conjugate_gradient`, and a `keras.utils.Progbar` over
+    `num_iterations` shows the iterations run and `relative_beta`, the last
+    βⱼ over the estimate of ‖A‖, which falls toward the breakdown threshold as
+    the Krylov space nears an invariant one. The results are bit-identical to
+    those of `verbose=0`. Under an outer `tf.function` no bar is shown and the
+    single compiled loop runs. The logger `tf_linntk.solvers` records the start
+    and, in eager mode, the stop at INFO, and each chunk at DEBUG.
+
     Args:
       operator: The symmetric matrix A [M, M], as a LinearOperator-like object
         or a callable on [M, R] (see `conjugate_gradient`). A callable needs
@@ -46,6 +56,8 @@ def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64
         give equal results. Ignored when `start` is given.
       start: Optional float Tensor [M], the start vector (normalized here).
       dtype: Float dtype of the basis and of T.
+      verbose: 0 (default) prints nothing, 1 shows a Keras progress bar over
+        the iterations in eager mode.
 
     Returns:
       A tuple `(basis, alpha, beta)`: `dtype` Tensors Q [M, k], alpha [k] and
@@ -54,7 +66,7 @@ def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64
     Raises:
       TypeError: If an argument has the wrong kind or dtype.
       ValueError: If `num_iterations` exceeds M, `start` has the wrong shape or
-        is zero, or the operator returns NaN/Inf.
+        is zero, `verbose` is not 0 or 1, or the operator returns NaN/Inf.
 
     Example:
       >>> matrix = tf.linalg.LinearOperatorFullMatrix(tf.eye(4, dtype=tf.float64) * 2.0)
@@ -65,6 +77,7 @@ def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64
     with tf.name_scope("lanczos"):
         dtype = _operators.check_float_dtype(dtype)
         num_iterations = _checks.check_positive_int("num_iterations", num_iterations)
+        verbose = _progress.check_verbose(verbose)
         start = _lanczos_start(operator, start, seed, dtype)
         size = int(start.shape[0])
         if num_iterations > size:
@@ -76,19 +89,19 @@ def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64
         # Breakdown threshold relative to ‖A‖, above the rounding noise of the matvecs.
         eps = np.finfo(_operators.operator_dtype(operator, dtype).as_numpy_dtype).eps
         breakdown_tol = tf.constant(_BREAKDOWN_FACTOR * np.sqrt(size) * eps, dtype)
-        basis, alpha, beta, failed = _operators.run_compiled(
-            _lanczos_loop, _lanczos_core, operator, start,
-            tf.constant(num_iterations, tf.int32), breakdown_tol,
-        )
+        _logger.info("lanczos: start, size M=%d, num_iterations=%d", size, num_iterations)
+        basis, alpha, beta, failed = _run_lanczos(operator, start, num_iterations, breakdown_tol, verbose)
         message = "`operator` returned NaN or Inf during Lanczos. Check its parameters and inputs."
         basis = _operators.raise_if(failed, basis, message)
-        _logger.debug("lanczos: %s of %d requested iterations", basis.shape[0], num_iterations)
+        if tf.executing_eagerly():
+            _logger.info("lanczos: stop after %d of %d requested iterations", basis.shape[0], num_iterations)
         return tf.transpose(basis), alpha, beta
 
 
 @tf.autograph.experimental.do_not_convert
 def lanczos_eigh(
-    operator, num_iterations, *, num_eigenvalues=None, seed=None, start=None, dtype=tf.float64
+    operator, num_iterations, *, num_eigenvalues=None, seed=None, start=None, dtype=tf.float64,
+    verbose=0,
 ):
     """Approximate the largest eigenpairs of a symmetric operator by Ritz pairs from Lanczos.
 
@@ -106,6 +119,8 @@ def lanczos_eigh(
       seed: Optional int seed of the start vector (see `lanczos`).
       start: Optional float Tensor [M], the start vector.
       dtype: Float dtype of the results.
+      verbose: 0 (default) or 1, a progress bar over the Lanczos iterations
+        (see `lanczos`).
 
     Returns:
       A tuple `(eigenvalues, eigenvectors)`: `dtype` Tensors [E] in descending
@@ -125,7 +140,9 @@ def lanczos_eigh(
         num_eigenvalues = _checks.check_positive_int(
             "num_eigenvalues", num_eigenvalues, allow_none=True
         )
-        basis, alpha, beta = lanczos(operator, num_iterations, seed=seed, start=start, dtype=dtype)
+        basis, alpha, beta = lanczos(
+            operator, num_iterations, seed=seed, start=start, dtype=dtype, verbose=verbose
+        )
 
         # T = S Λ Sᵀ, eigenvalues in descending order.
         eigenvalues, ritz_rotation = tf.linalg.eigh(_tridiagonal(alpha, beta))
@@ -135,7 +152,7 @@ def lanczos_eigh(
 
 
 @tf.autograph.experimental.do_not_convert
-def lanczos_inverse_root(operator, rank, *, seed=None, start=None, dtype=tf.float64):
+def lanczos_inverse_root(operator, rank, *, seed=None, start=None, dtype=tf.float64, verbose=0):
     """Compute R [M, k] with R Rᵀ = Q T⁻¹ Qᵀ ≈ A⁻¹ from a rank-k Lanczos run.
 
     The construction follows LOVE (Pleiss et al., 2018, "Constant-time
@@ -156,6 +173,8 @@ def lanczos_inverse_root(operator, rank, *, seed=None, start=None, dtype=tf.floa
       start: Optional float Tensor [M], the start vector. Pass the right-hand
         side whose solves matter most.
       dtype: Float dtype of the result.
+      verbose: 0 (default) or 1, a progress bar over the Lanczos iterations
+        (see `lanczos`).
 
     Returns:
       A `dtype` Tensor R [M, k] (k ≤ `rank`, shorter on early breakdown).
@@ -172,7 +191,9 @@ def lanczos_inverse_root(operator, rank, *, seed=None, start=None, dtype=tf.floa
       array([0.25, 0.5 , 1.  ])
     """
     with tf.name_scope("lanczos_inverse_root"):
-        basis, alpha, beta = lanczos(operator, rank, seed=seed, start=start, dtype=dtype)
+        basis, alpha, beta = lanczos(
+            operator, rank, seed=seed, start=start, dtype=dtype, verbose=verbose
+        )
 
         # T = L Lᵀ, then R = Q L⁻ᵀ = (L⁻¹ Qᵀ)ᵀ.
         tridiagonal = _tridiagonal(alpha, beta)
@@ -197,17 +218,51 @@ class _LanczosState(NamedTuple):
     failed: tf.Tensor  # [] bool, the operator returned NaN or Inf
 
 
+def _run_lanczos(operator, start, num_iterations, breakdown_tol, verbose):
+    """Return (basis [k, M], alpha [k], beta [k−1], failed) from one compiled loop or from chunks."""
+    if not _progress.shows_progress(verbose):
+        return _operators.run_compiled(
+            _lanczos_loop, _lanczos_core, operator, start,
+            tf.constant(num_iterations, tf.int32), breakdown_tol,
+        )
+
+    def advance(state, limit):
+        return _operators.run_compiled(
+            _lanczos_advance, _lanczos_advance_core, operator, state, limit, breakdown_tol
+        )
+
+    def status(state):
+        step = int(state.step)
+        norm_estimate = float(state.norm_estimate)
+        last_beta = float(state.beta[step - 1]) if step > 0 else 0.0
+        relative_beta = last_beta / norm_estimate if norm_estimate > 0 else 0.0
+        return bool(state.breakdown) or bool(state.failed), [("relative_beta", relative_beta)]
+
+    state = _initial_lanczos_state(start, num_iterations)
+    final = _progress.run_in_chunks(advance, state, num_iterations, status, _logger, "lanczos")
+    return _lanczos_outputs(final)
+
+
 def _lanczos_loop(operator, start, num_iterations, breakdown_tol):
     """Run Lanczos with full reorthogonalization from the unit vector start [M]."""
+    state = _initial_lanczos_state(start, num_iterations)
+    return _lanczos_outputs(_lanczos_advance(operator, state, num_iterations, breakdown_tol))
+
+
+def _initial_lanczos_state(start, num_iterations):
     zeros = tf.zeros([num_iterations], start.dtype)
     basis = tf.zeros([num_iterations, tf.size(start)], start.dtype)
-    state = _LanczosState(
+    return _LanczosState(
         tf.constant(0), basis, zeros, zeros, start, tf.constant(0, start.dtype),
         tf.constant(False), tf.constant(False),
     )
 
+
+def _lanczos_advance(operator, state, limit, breakdown_tol):
+    """Run Lanczos iterations from `state` until `state.step` reaches `limit`, breakdown or failure."""
+
     def cond(s):
-        return (s.step < num_iterations) & ~s.breakdown & ~s.failed
+        return (s.step < limit) & ~s.breakdown & ~s.failed
 
     def body(s):
         index = [[s.step]]
@@ -228,6 +283,11 @@ def _lanczos_loop(operator, start, num_iterations, breakdown_tol):
         return (_LanczosState(s.step + 1, basis, alpha, beta, vector, norm_estimate, breakdown, failed),)
 
     (final,) = tf.while_loop(cond, body, (state,))
+    return final
+
+
+def _lanczos_outputs(final):
+    """Return (basis [k, M], alpha [k], beta [k−1], failed) of the final state, k = steps run."""
     k = final.step
     return final.basis[:k], final.alpha[:k], final.beta[: k - 1], final.failed
 
@@ -260,3 +320,4 @@ def _lanczos_start(operator, start, seed, dtype):
 
 
 _lanczos_core = _operators.compile_loop(_lanczos_loop)
+_lanczos_advance_core = _operators.compile_loop(_lanczos_advance)

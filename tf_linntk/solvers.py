@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import _operators
+from tf_linntk import _progress
 from tf_linntk._lanczos import lanczos
 from tf_linntk._lanczos import lanczos_eigh
 from tf_linntk._lanczos import lanczos_inverse_root
@@ -101,6 +102,7 @@ def conjugate_gradient(
     dtype=tf.float64,
     on_nonconvergence="warn",
     x0=None,
+    verbose=0,
 ):
     """Solve A X = B for a symmetric positive definite A with preconditioned conjugate gradients.
 
@@ -123,10 +125,23 @@ def conjugate_gradient(
     `tf.function(reduce_retracing=True)`, so after the first two sizes new M
     and R reuse a trace.
 
+    Progress and logging: at `verbose=1` the loop runs in compiled chunks of
+    iterations, and after each chunk a `keras.utils.Progbar` over
+    `max_iterations` shows the iterations run and the worst relative residual
+    of the columns not yet converged. The chunks carry the whole CG state, so
+    the solution and record are bit-identical to a `verbose=0` solve. Chunks
+    run 1, 2, 4, ... iterations, at most 32. The logger `tf_linntk.solvers`
+    records the start and the stop (the record) at INFO, each chunk at DEBUG,
+    and non-convergence at WARNING, or at INFO with `on_nonconvergence="ignore"`.
+
     Note:
       The solve has no custom gradient yet: a tape differentiates through
       every iteration. NOTE: an implicit gradient (a second solve with the
       incoming cotangents) is not implemented.
+
+      Under an outer `tf.function`, `verbose=1` shows no progress bar and runs
+      the single compiled loop, so the graph contains no Python callback for
+      progress. The start is then logged once per trace.
 
     Args:
       operator: The matrix A [M, M]. Either a `tf.linalg.LinearOperator` (or an
@@ -148,6 +163,8 @@ def conjugate_gradient(
         `ConvergenceError`, "ignore" only fills the record.
       x0: Optional float Tensor shaped like `rhs`, the initial guess. Zeros by
         default, and a given guess costs one extra matvec.
+      verbose: 0 (default) prints nothing, 1 shows a Keras progress bar over
+        the iterations in eager mode.
 
     Returns:
       A tuple `(solution, record)`: `solution` is a `dtype` Tensor shaped like
@@ -156,8 +173,9 @@ def conjugate_gradient(
     Raises:
       TypeError: If `rhs`, `x0` or `dtype` is not a float, or an argument has
         the wrong kind.
-      ValueError: If an option or tolerance is invalid, a shape does not match,
-        `rhs` is not finite, or the operator or preconditioner returns NaN/Inf
+      ValueError: If an option (including `verbose`) or tolerance is invalid,
+        a shape does not match, `rhs` is not finite, or the operator or
+        preconditioner returns NaN/Inf
         (under an outer `tf.function` this surfaces as InvalidArgumentError).
       ConvergenceError: If a column does not converge and
         `on_nonconvergence="raise"`.
@@ -172,6 +190,7 @@ def conjugate_gradient(
     with tf.name_scope("conjugate_gradient"):
         dtype = _operators.check_float_dtype(dtype)
         _checks.check_option("on_nonconvergence", on_nonconvergence, _ON_NONCONVERGENCE)
+        verbose = _progress.check_verbose(verbose)
         tol = _checks.check_positive_float("tol", tol)
         rhs, was_vector = _convert_rhs(rhs, operator, dtype)
         size = int(rhs.shape[0]) if rhs.shape[0] is not None else None
@@ -182,19 +201,19 @@ def conjugate_gradient(
         # Zero columns of B have solution 0, so they start converged.
         if x0 is not None:
             x0 = tf.where(tf.reduce_any(tf.not_equal(rhs, 0), axis=0), x0, 0)  # [M, R]
-        _logger.debug(
-            "conjugate_gradient: start, rhs shape %s, tol=%g, max_iterations=%d, preconditioner=%s",
-            tuple(rhs.shape), tol, max_iterations, type(preconditioner).__name__,
+        _logger.info(
+            "conjugate_gradient: start, size M=%s, %s column(s), tol=%g, max_iterations=%d, "
+            "preconditioner=%s", rhs.shape[0], rhs.shape[1], tol, max_iterations,
+            type(preconditioner).__name__,
         )
-        outputs = _operators.run_compiled(
-            _cg_loop, _cg_core, operator, _operators.traceable(preconditioner), rhs, x0,
-            tf.constant(tol, dtype), tf.constant(max_iterations, tf.int32),
+        final = _run_cg(
+            operator, _operators.traceable(preconditioner), rhs, x0, tf.constant(tol, dtype),
+            max_iterations, verbose,
         )
-        solution, record = _finish_cg(rhs, outputs, tol, max_iterations, on_nonconvergence)
+        solution, record = _finish_cg(rhs, final, tol, max_iterations, on_nonconvergence)
         return (solution[:, 0] if was_vector else solution), record
 
 
-@tf.autograph.experimental.do_not_convert
 # ------------------------------ conjugate gradient loop
 
 
@@ -208,23 +227,62 @@ class _CGState(NamedTuple):
     iterations: tf.Tensor  # [R] int32
     active: tf.Tensor  # [R] bool
     failure: tf.Tensor  # [] int32, one of the _*_FAILED codes
+    threshold: tf.Tensor  # [R], tol·‖b‖ of the stopping rule
+
+
+def _run_cg(operator, preconditioner, rhs, x0, tol, max_iterations, verbose):
+    """Run CG to the final `_CGState`: one compiled loop, or chunks with a progress bar."""
+    if not _progress.shows_progress(verbose):
+        return _operators.run_compiled(
+            _cg_loop, _cg_core, operator, preconditioner, rhs, x0, tol,
+            tf.constant(max_iterations, tf.int32),
+        )
+
+    state = _operators.run_compiled(_cg_start, _cg_start_core, operator, preconditioner, rhs, x0, tol)
+    rhs_norm = tf.norm(rhs, axis=0).numpy()  # [R]
+
+    def advance(state, limit):
+        return _operators.run_compiled(
+            _cg_advance, _cg_advance_core, operator, preconditioner, state, limit
+        )
+
+    def status(state):
+        residual_norm = state.residual_norm.numpy()
+        relative = np.divide(residual_norm, rhs_norm, out=np.zeros_like(rhs_norm), where=rhs_norm > 0)
+        unconverged = residual_norm > state.threshold.numpy()
+        worst = np.max(relative[unconverged] if np.any(unconverged) else relative, initial=0.0)
+        finished = not np.any(state.active.numpy()) or int(state.failure) != _NO_FAILURE
+        return finished, [("relative_residual", float(worst))]
+
+    return _progress.run_in_chunks(advance, state, max_iterations, status, _logger, "conjugate_gradient")
 
 
 def _cg_loop(operator, preconditioner, rhs, x0, tol, max_iterations):
     """Run batched preconditioned CG on rhs [M, R], stopping each column on its own."""
+    state = _cg_start(operator, preconditioner, rhs, x0, tol)
+    return _cg_advance(operator, preconditioner, state, max_iterations)
+
+
+def _cg_start(operator, preconditioner, rhs, x0, tol):
+    """Return the `_CGState` before the first iteration."""
     threshold = tol * tf.norm(rhs, axis=0)  # [R]
     solution = tf.zeros_like(rhs) if x0 is None else x0
     residual = rhs if x0 is None else rhs - _operators.apply_operator(operator, x0)
     preconditioned = _operators.apply_operator(preconditioner, residual)
     residual_norm = tf.norm(residual, axis=0)
     iterations = tf.zeros(tf.shape(threshold), tf.int32)
-    state = _CGState(
+    return _CGState(
         tf.constant(0), solution, residual, preconditioned, _column_dot(residual, preconditioned),
         residual_norm, iterations, residual_norm > threshold, _failure_code(residual, preconditioned),
+        threshold,
     )
 
+
+def _cg_advance(operator, preconditioner, state, limit):
+    """Run CG iterations from `state` until `state.step` reaches `limit` or no column is active."""
+
     def cond(s):
-        return (s.step < max_iterations) & tf.reduce_any(s.active) & tf.equal(s.failure, _NO_FAILURE)
+        return (s.step < limit) & tf.reduce_any(s.active) & tf.equal(s.failure, _NO_FAILURE)
 
     def body(s):
         product = _operators.apply_operator(operator, s.direction)  # A p, [M, R]
@@ -239,20 +297,21 @@ def _cg_loop(operator, preconditioner, rhs, x0, tol, max_iterations):
         direction = tf.where(active, preconditioned + beta * s.direction, s.direction)
         residual_norm = tf.norm(residual, axis=0)
         iterations = s.iterations + tf.cast(active, tf.int32)
-        active = active & (residual_norm > threshold)
+        active = active & (residual_norm > s.threshold)
         failure = _failure_code(product, preconditioned)
         return (_CGState(
             s.step + 1, solution, residual, direction, residual_dot, residual_norm,
-            iterations, active, failure,
+            iterations, active, failure, s.threshold,
         ),)
 
     (final,) = tf.while_loop(cond, body, (state,))
-    return final.solution, final.iterations, final.residual_norm, final.failure, final.step
+    return final
 
 
-def _finish_cg(rhs, outputs, tol, max_iterations, on_nonconvergence):
-    """Build the record, raise on NaN/Inf, and warn or raise on non-convergence."""
-    solution, iterations, residual_norm, failure, step = outputs
+def _finish_cg(rhs, final, tol, max_iterations, on_nonconvergence):
+    """Build the record from the final `_CGState`, raise on NaN/Inf, and warn or raise on non-convergence."""
+    solution, iterations, residual_norm = final.solution, final.iterations, final.residual_norm
+    failure, step = final.failure, final.step
     rhs_norm = tf.norm(rhs, axis=0)  # [R]
     relative = tf.math.divide_no_nan(residual_norm, rhs_norm)
     converged = residual_norm <= tol * rhs_norm
@@ -297,11 +356,13 @@ def _raise_on_failure(failure, step):
 
 def _report_convergence(record, on_nonconvergence):
     """Log the outcome, and warn or raise for unconverged columns as requested."""
+    _logger.info("conjugate_gradient: stop, %r", record)
     if record.converged_all:
-        _logger.info("conjugate_gradient: stop, %r", record)
         return
     message = _nonconvergence_message(record)
-    _logger.info("conjugate_gradient: stop, %s", message)
+    # With "ignore" the caller expects unconverged solves, e.g. the inexact inner solves of Newton–CG.
+    level = logging.INFO if on_nonconvergence == "ignore" else logging.WARNING
+    _logger.log(level, "conjugate_gradient: %s", message)
     if on_nonconvergence == "raise":
         raise ConvergenceError(message)
     if on_nonconvergence == "warn":
@@ -403,5 +464,7 @@ def _check_preconditioner(preconditioner, size):
         )
 
 
-# Compiled loop shared by all operators that tf.function takes as arguments.
+# Compiled loops shared by all operators that tf.function takes as arguments.
 _cg_core = _operators.compile_loop(_cg_loop)
+_cg_start_core = _operators.compile_loop(_cg_start)
+_cg_advance_core = _operators.compile_loop(_cg_advance)
