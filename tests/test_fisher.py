@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tf_linntk
 from tests import reference
+from tf_linntk import autodiff
 from tf_linntk import fisher
 from tf_linntk.likelihoods import Bernoulli
 from tf_linntk.likelihoods import Categorical
@@ -299,6 +300,22 @@ def test_fisher_to_dense_matches_dense():
     dense = _dense_fisher(model, x, likelihood, outputs)
     operator = fisher.fisher_operator(lin, x, likelihood, "ggn", None, outputs=outputs)
 
+    np.testing.assert_allclose(operator.to_dense(), dense, rtol=1e-10, atol=1e-14)
+
+
+def test_fisher_diag_small_jacobian_chunks(monkeypatch):
+    """diag_part() and to_dense() are exact with Jacobian chunks of 2 rows, below `batch_size`."""
+    model, _, x = _setup()
+    likelihood = Categorical()
+    lin = tf_linntk.LinearizedModel(model, batch_size=BATCH_SIZE)
+    row_bytes = lin.functional.num_outputs * lin.num_parameters * 8  # float64
+    # A fresh model traces its products under the patched budget of 2 rows per chunk.
+    monkeypatch.setattr(autodiff, "JACOBIAN_CHUNK_BYTES", 2 * row_bytes)
+    dense = _dense_fisher(model, x, likelihood)
+    operator = fisher.fisher_operator(lin, x, likelihood, "ggn", None)
+
+    assert lin.functional._jacobian_rows() == 2
+    np.testing.assert_allclose(operator.diag_part(), np.diag(dense), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(operator.to_dense(), dense, rtol=1e-10, atol=1e-14)
 
 

@@ -261,8 +261,8 @@ def _bad_inputs(case_x, name):
             ([np.ones((4, 3)), np.ones((4, 3))], ValueError, "`x` must be a single array"),
             (np.array([["a", "b", "c"]]), TypeError, "`x` must be numeric"),
             (None, ValueError, "`x` is required"),
-            (tf.data.Dataset.from_tensors(np.ones((1, 3))), TypeError,
-             "`x` must be an array, tensor or a tuple/list/dict"),
+            (tf.data.Dataset.from_tensor_slices(np.ones((4, 3))), ValueError,
+             r"`x` must have shape \[N, 3\].*elements must be batches"),
         ]
     if name == "two_inputs_dict":
         a, b = case_x["a"], case_x["b"]

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import _model_checks
+from tf_linntk import _streaming
 from tf_linntk import distribute
 
 __all__ = ["FunctionalModel"]
@@ -114,12 +115,34 @@ class FunctionalModel:
 
     def num_examples(self, x):
         """Return the number of examples N of a converted input structure (static if known)."""
+        if isinstance(x, _streaming.StreamedInputs):
+            static = x.static_num_examples()
+            return static if static is not None else x.num_examples
         first = tf.nest.flatten(x)[0]
         static = first.shape[0]
         return static if static is not None else tf.shape(first)[0]
 
-    def convert_inputs(self, x, name="x"):
-        """Convert and validate `x` against the model's inputs; return a tensor structure."""
+    def convert_inputs(self, x, name="x", allow_dataset=False):
+        """Convert and validate `x` against the model's inputs.
+
+        Returns a tensor structure, or `StreamedInputs` for a `tf.data.Dataset`
+        when `allow_dataset` is set (then the dataset is read once to validate
+        and count it).
+        """
+        if isinstance(x, _streaming.StreamedInputs):
+            return x
+        if allow_dataset and _streaming.is_dataset(x):
+            streamed, _ = _streaming.read_dataset(x, self._convert_batch, self.batch_size, name)
+            return streamed
+        return _model_checks.convert_inputs(x, self._input_specs, self.dtype, name)
+
+    def read_dataset(self, dataset, name="x"):
+        """Read a dataset of (x, y) batches once; return (StreamedInputs, y in memory)."""
+        return _streaming.read_dataset(
+            dataset, self._convert_batch, self.batch_size, name, with_targets=True
+        )
+
+    def _convert_batch(self, x, name):
         return _model_checks.convert_inputs(x, self._input_specs, self.dtype, name)
 
     # ------------------------------------------------------------------ pure function
@@ -214,6 +237,10 @@ class FunctionalModel:
         """Whether products are sharded over the replicas of a tf.distribute strategy."""
         return self._sharded is not None
 
+    def shared_seed(self):
+        """Return a random int seed equal on all replicas when sharded, else None."""
+        return None if self._sharded is None else self._sharded.shared_seed()
+
     @property
     def local(self):
         """This model's single-device products, as used by each replica's shard."""
@@ -265,7 +292,8 @@ class FunctionalModel:
             return self.jvp_batched(x, self.vjp_batched(x, cotangents))
         if self._use_jacobian_products(cotangents):
             n = self.num_examples(x)
-            if isinstance(n, int) and 0 < n <= self._jacobian_rows():
+            streamed = isinstance(x, _streaming.StreamedInputs)
+            if not streamed and isinstance(n, int) and 0 < n <= self._jacobian_rows():
                 return self._ntk_jacobian_fn(x, cotangents)
             return self._jvp_jacobian_fn(x, self._vjp_jacobian_fn(x, cotangents))
         if self._fits_one_chunk(x):
@@ -408,6 +436,8 @@ class FunctionalModel:
         )  # [R, N, O]
 
     def _fits_one_chunk(self, x):
+        if isinstance(x, _streaming.StreamedInputs):
+            return False
         n = self.num_examples(x)
         return isinstance(n, int) and 0 < n <= self.batch_size
 
@@ -490,6 +520,8 @@ class FunctionalModel:
         `trailing_shape` is the shape of one result row; N = 0 gives zeros
         [0, *trailing_shape], since an empty TensorArray cannot infer it.
         """
+        if isinstance(x, _streaming.StreamedInputs):
+            return self._concat_streamed(fn, x, chunk_size, trailing_shape)
         n = tf.shape(tf.nest.flatten(x)[0])[0]
         num_chunks = (n + chunk_size - 1) // chunk_size
 
@@ -506,8 +538,10 @@ class FunctionalModel:
 
     def _sum_chunks(self, fn, x, zeros, add, chunk_size=None):
         """Sum fn(x[start:stop], start, stop) (a list of tensors) over all chunks."""
-        n = tf.shape(tf.nest.flatten(x)[0])[0]
         chunk_size = chunk_size or self.batch_size
+        if isinstance(x, _streaming.StreamedInputs):
+            return self._sum_streamed(fn, x, zeros, add, chunk_size)
+        n = tf.shape(tf.nest.flatten(x)[0])[0]
         num_chunks = (n + chunk_size - 1) // chunk_size
 
         def body(i, totals):
@@ -519,6 +553,30 @@ class FunctionalModel:
 
         _, totals = tf.while_loop(lambda i, _: i < num_chunks, body, (0, zeros))
         return totals
+
+    def _concat_streamed(self, fn, x, chunk_size, trailing_shape):
+        """Concatenate over one pass of streamed inputs, each batch split into chunks."""
+
+        def step(batch, offset, array):
+            part = self._concat_chunks(_offset_chunks(fn, offset), batch, chunk_size, trailing_shape)
+            return array.write(array.size(), part)
+
+        def concat(array):
+            # A replica's shard of streamed inputs may hold no batch at all.
+            empty_shape = tf.concat([[0], trailing_shape], axis=0)
+            return tf.cond(array.size() > 0, array.concat, lambda: tf.zeros(empty_shape, self.dtype))
+
+        array = tf.TensorArray(self.dtype, size=0, dynamic_size=True, infer_shape=False)
+        return _streaming.run_pass(x, step, array, finalize=concat)
+
+    def _sum_streamed(self, fn, x, zeros, add, chunk_size):
+        """Sum over one pass of streamed inputs, each batch split into chunks."""
+
+        def step(batch, offset, totals):
+            parts = self._sum_chunks(_offset_chunks(fn, offset), batch, zeros, add, chunk_size)
+            return [total + part for total, part in zip(totals, parts)]
+
+        return _streaming.run_pass(x, step, list(zeros))
 
     def _infer_output_shapes(self):
         """Return the output structure and per-example output shapes.
@@ -554,6 +612,11 @@ def _snapshot(variable):
     """Copy a Keras variable's value into a new non-trainable tf.Variable."""
     value = tf.identity(tf.convert_to_tensor(variable.value))
     return tf.Variable(value, trainable=False, name=variable.name.replace("/", "_") + "_snapshot")
+
+
+def _offset_chunks(fn, offset):
+    """Return fn with chunk bounds shifted from batch positions to dataset positions."""
+    return lambda xc, start, stop: fn(xc, start + offset, stop + offset)
 
 
 def _add_gradient(total, gradient):

@@ -14,7 +14,12 @@ MultiWorkerMirroredStrategy (several machines) share this code path, because
 both provide `strategy.run` and the replica-context collectives used here.
 """
 
+import functools
+
+import numpy as np
 import tensorflow as tf
+
+from tf_linntk import _streaming
 
 __all__ = ["ShardedProducts", "active_strategy"]
 
@@ -43,12 +48,15 @@ class ShardedProducts:
     def __init__(self, functional, strategy):
         self.functional = functional
         self.strategy = strategy
-        self._outputs_fn = tf.function(self._outputs_impl, reduce_retracing=True)
-        self._jvp_fn = tf.function(self._jvp_impl, reduce_retracing=True)
-        self._jvp_batched_fn = tf.function(self._jvp_batched_impl, reduce_retracing=True)
-        self._vjp_fn = tf.function(self._vjp_impl, reduce_retracing=True)
-        self._vjp_batched_fn = tf.function(self._vjp_batched_impl, reduce_retracing=True)
-        self._sq_norms_fn = tf.function(self._sq_norms_impl, reduce_retracing=True)
+        # A partial has no code object, so each instance gets its own retracing count.
+        compile_fn = lambda fn: tf.function(functools.partial(fn), reduce_retracing=True)  # noqa: E731
+        self._outputs_fn = compile_fn(self._outputs_impl)
+        self._jvp_fn = compile_fn(self._jvp_impl)
+        self._jvp_batched_fn = compile_fn(self._jvp_batched_impl)
+        self._vjp_fn = compile_fn(self._vjp_impl)
+        self._vjp_batched_fn = compile_fn(self._vjp_batched_impl)
+        self._sq_norms_fn = compile_fn(self._sq_norms_impl)
+        self._shared_seed_fn = compile_fn(self._shared_seed_impl)
 
     def outputs(self, x):
         """Return f(θ₀, x) → [N, O]."""
@@ -74,7 +82,57 @@ class ShardedProducts:
         """Return ‖J(x)[n, o, :]‖² → [N, O]."""
         return self._sq_norms_fn(x)
 
+    def shared_seed(self):
+        """Return a random int seed in [0, 2**31 - 1) drawn on replica 0 and equal on all.
+
+        Under MultiWorkerMirroredStrategy each worker is its own process, and
+        random draws that differ between workers would give them different
+        solver runs (e.g. Lanczos ranks), whose collectives then mismatch.
+        """
+        seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+        return int(self._shared_seed_fn(tf.constant(seed, tf.int64)))
+
+    def reduce_shards(self, x, shard_fn, chunk_size=1):
+        """Sum shard_fn(x_shard, start, stop) over the replicas with an all-reduce.
+
+        Replica i passes its contiguous shard x[start:stop] (possibly empty) and
+        the shard's bounds, so that shard_fn can slice other per-example tensors
+        to match. shard_fn returns a tensor of the same shape on every replica,
+        e.g. a parameter-space sum [P] or [R, P]. Call it inside a `tf.function`.
+
+        The shards consist of whole chunks of `chunk_size` examples (whole
+        batches for streamed inputs), so a shard_fn that streams in chunks of
+        that size computes exactly the single-device chunks. Finite differences
+        need this, because they divide the rounding error of each chunk's
+        forward pass by a step ε ≪ 1, and that error depends on which rows share
+        a chunk. The cost is balance, because replicas differ by up to one
+        chunk, and with fewer chunks than replicas some replicas get none.
+        """
+
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            if isinstance(x, _streaming.StreamedInputs):
+                # Whole batches, which the single-device pass splits into the same chunks.
+                x_shard, start, stop, _ = _shard(x, context, self.functional.batch_size)
+            else:
+                start, stop = _chunk_aligned_bounds(context, _num_examples(x), chunk_size)
+                x_shard = tf.nest.map_structure(lambda t: t[start:stop], x)
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, shard_fn(x_shard, start, stop))
+
+        reduced = self.strategy.run(replica_fn)
+        return self.strategy.experimental_local_results(reduced)[0]
+
     # ------------------------------------------------------------------ bodies
+
+    def _shared_seed_impl(self, seed):
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            first = tf.equal(context.replica_id_in_sync_group, 0)
+            return context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.where(first, seed, tf.zeros_like(seed))
+            )
+
+        return self.strategy.experimental_local_results(self.strategy.run(replica_fn))[0]
 
     def _outputs_impl(self, x):
         return self._gather(
@@ -119,12 +177,11 @@ class ShardedProducts:
 
     def _gather(self, x, shard_fn, axis, rank):
         """Concatenate shard_fn's rank-`rank` results over the shards along `axis`."""
-        n = tf.shape(tf.nest.flatten(x)[0])[0]
+        n = _num_examples(x)
 
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            start, stop, shard_size = _shard_bounds(context, n)
-            x_shard = tf.nest.map_structure(lambda t: t[start:stop], x)
+            x_shard, start, stop, shard_size = _shard(x, context, self.functional.batch_size)
             result = shard_fn(x_shard, start, stop)
             # Pad every shard to the same length so all_gather can stack them;
             # padding only ever follows the last real example.
@@ -139,16 +196,37 @@ class ShardedProducts:
 
     def _reduce(self, x, shard_fn):
         """Sum shard_fn over the replicas' shards."""
-        n = tf.shape(tf.nest.flatten(x)[0])[0]
 
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            start, stop, _ = _shard_bounds(context, n)
-            x_shard = tf.nest.map_structure(lambda t: t[start:stop], x)
+            x_shard, start, stop, _ = _shard(x, context, self.functional.batch_size)
             return context.all_reduce(tf.distribute.ReduceOp.SUM, shard_fn(x_shard, start, stop))
 
         reduced = self.strategy.run(replica_fn)
         return self.strategy.experimental_local_results(reduced)[0]
+
+
+def _num_examples(x):
+    if isinstance(x, _streaming.StreamedInputs):
+        return x.num_examples
+    return tf.shape(tf.nest.flatten(x)[0])[0]
+
+
+def _shard(x, context, batch_size):
+    """Return (x_shard, start, stop, shard_size) of this replica's contiguous shard of x.
+
+    Streamed inputs are split in whole batches of `batch_size`, so each replica
+    reads its own batches (and skips over the ones before them).
+    """
+    if not isinstance(x, _streaming.StreamedInputs):
+        start, stop, shard_size = _shard_bounds(context, _num_examples(x))
+        return tf.nest.map_structure(lambda t: t[start:stop], x), start, stop, shard_size
+    n = x.num_examples
+    num_batches = (n + batch_size - 1) // batch_size
+    first, last, batches_per_shard = _shard_bounds(context, num_batches)
+    start = tf.minimum(first * batch_size, n)
+    stop = tf.minimum(last * batch_size, n)
+    return x.shard(first, last - first, stop - start), start, stop, batches_per_shard * batch_size
 
 
 def _shard_bounds(context, n):
@@ -159,3 +237,10 @@ def _shard_bounds(context, n):
     start = tf.minimum(replica * shard_size, n)
     stop = tf.minimum(start + shard_size, n)
     return start, stop, shard_size
+
+
+def _chunk_aligned_bounds(context, n, chunk_size):
+    """Return (start, stop) of this replica's shard of n examples, in whole chunks."""
+    num_chunks = (n + chunk_size - 1) // chunk_size
+    first_chunk, stop_chunk, _ = _shard_bounds(context, num_chunks)
+    return tf.minimum(first_chunk * chunk_size, n), tf.minimum(stop_chunk * chunk_size, n)

@@ -7,7 +7,6 @@ import numpy as np
 import tensorflow as tf
 
 from tf_linntk import _checks
-from tf_linntk import autodiff
 from tf_linntk import likelihoods
 
 __all__ = ["METHODS", "FisherOperator", "default_epsilon", "fisher_operator"]
@@ -154,6 +153,19 @@ class FisherOperator(tf.linalg.LinearOperator):
     `autodiff.JACOBIAN_CHUNK_BYTES`). `to_dense()` sums (SᵀJ)ᵀ(SᵀJ) over the same
     chunks in P² memory and raises above the model's `max_dense_bytes`.
 
+    For a model built inside a multi-replica `tf.distribute` strategy scope,
+    `matmul`, `diag_part()` and `to_dense()` are sharded over the examples.
+    Each replica runs the product above on a contiguous shard of whole
+    `batch_size` chunks, with the matching rows of the reference outputs, and
+    the [P], [R, P] or [P, P] results are summed with one all-reduce per call.
+    The reference outputs f(x; θ₀) come from the same shards. `matmul` thus
+    computes exactly the single-device chunks on every replica, with the same
+    ε, which depends only on θ₀. The sharded products then equal the
+    single-device ones up to the order in which chunk sums are added. This
+    holds for the finite-difference methods too, whose 1/ε would amplify any
+    rounding difference between chunks. With fewer chunks than replicas, some
+    replicas get no examples.
+
     Args:
         lin: a `tf_linntk.LinearizedModel`.
         x: inputs with N examples (array, tensor, or a tuple/list/dict).
@@ -185,8 +197,11 @@ class FisherOperator(tf.linalg.LinearOperator):
         likelihood = likelihoods.get_likelihood(likelihood)
         _check_likelihood_fits(likelihood, functional.num_outputs)
         epsilon = _check_epsilon(epsilon, method, functional)
-        x = functional.convert_inputs(x)
-        reference, shift = _reference_outputs(functional, x, outputs, needs_shift=method != "ggn")
+        x = functional.convert_inputs(x, allow_dataset=True)
+        products = _products_for(functional, likelihood, method)
+        reference, shift = _reference_outputs(
+            functional, products, x, outputs, needs_shift=method != "ggn"
+        )
 
         # `tf.Module` attribute tracking would wrap dict and list inputs, which
         # `tf.function` cannot trace, and would track the wrapper's Keras model.
@@ -198,7 +213,7 @@ class FisherOperator(tf.linalg.LinearOperator):
         self._epsilon = epsilon
         self._reference = reference
         self._shift = shift
-        self._products = _products_for(functional, likelihood, method)
+        self._products = products
         super().__init__(dtype=functional.dtype, is_self_adjoint=True, is_square=True, name=name)
 
     @property
@@ -262,14 +277,14 @@ class FisherOperator(tf.linalg.LinearOperator):
         return restore(products)  # [..., P, R]
 
     def _diag_part(self):
-        return self._products.diag(self._x, self._reference)  # [P]
+        return self._products.diag(*self._arguments())  # [P]
 
     def _to_dense(self):
         size = self._functional.num_parameters
         self._check_dense_size(
             (size, size), "to_dense", None, "use `matmul` products or `diag_part()` instead"
         )
-        return self._products.dense(self._x, self._reference)  # [P, P]
+        return self._products.dense(*self._arguments())  # [P, P]
 
     def _arguments(self):
         epsilon = None if self._epsilon is None else tf.constant(self._epsilon, self.dtype)
@@ -298,14 +313,66 @@ class _FisherProducts:
         compile_fn = lambda fn: tf.function(  # noqa: E731
             functools.partial(fn), reduce_retracing=True, autograph=False
         )
+        if functional.is_sharded:
+            single, batched, diag, dense = (
+                self._sum_over_shards(fn) for fn in (single, batched, self._diag, self._dense)
+            )
+        else:
+            diag, dense = self._diag, self._dense
         self.single = compile_fn(single)
         self.batched = compile_fn(batched)
-        self.diag = compile_fn(self._diag)
-        self.dense = compile_fn(self._dense)
+        self.diag = compile_fn(diag)
+        self.dense = compile_fn(dense)
+        if functional.is_sharded:
+            self._sharded_outputs_fn = compile_fn(self._sharded_outputs)
 
     @property
     def _functional(self):
         return self._functional_ref()
+
+    def outputs(self, x):
+        """Return f(x; θ₀) [N, O], computed in the same chunks as the products."""
+        if self._functional.is_sharded:
+            return self._sharded_outputs_fn(x)
+        return self._functional.outputs(x)
+
+    def _sum_over_shards(self, product):
+        """Wrap product(x, reference, shift, epsilon, ...) to sum it over the replicas.
+
+        Each replica runs the single-device product on its contiguous shard of
+        whole `batch_size` chunks of x, with the matching rows of the reference
+        outputs and the shift. The [P], [R, P] or [P, P] results are
+        all-reduced with SUM.
+        """
+
+        def sharded(x, reference, shift, *arguments):
+            def shard(x_shard, start, stop):
+                rows = reference[start:stop], _rows(shift, start, stop)
+                return product(x_shard, *rows, *arguments)
+
+            # The model is looked up at trace time, because a strong reference
+            # here would keep it alive through `_PRODUCTS_CACHE`.
+            functional = self._functional
+            return functional._sharded.reduce_shards(x, shard, functional.batch_size)
+
+        return sharded
+
+    def _sharded_outputs(self, x):
+        """Return f(x; θ₀) [N, O] from the chunk-aligned shards of `_sum_over_shards`.
+
+        `FunctionalModel.outputs` shards differently, and a row's forward pass can
+        round differently in another chunk. The difference methods would divide
+        that change of one ulp in f(x; θ₀) by ε.
+        """
+        functional = self._functional
+        num_examples = functional.num_examples(x)
+
+        def shard(x_shard, start, stop):
+            # Zero rows outside the shard make the SUM all-reduce an exact gather.
+            rows = functional.local.outputs(x_shard)  # [stop - start, O]
+            return tf.pad(rows, [[start, num_examples - stop], [0, 0]])  # [N, O]
+
+        return functional._sharded.reduce_shards(x, shard, functional.batch_size)
 
     # ------------------------------------------------------------------ finite differences
 
@@ -416,12 +483,15 @@ class _FisherProducts:
         gradients = inner.gradient(loss, primals, unconnected_gradients=_ZERO)
         return _flatten_dense(self._functional, gradients)
 
-    def _diag(self, x, reference):
+    def _diag(self, x, reference, shift, epsilon):
+        # Exact for every method, because only J at θ₀ and the Hessians enter.
+        del shift, epsilon
         size = self._functional.num_parameters
         square_sums = lambda rows: tf.reduce_sum(tf.square(rows), axis=0)  # noqa: E731
         return self._sum_jacobian_chunks(x, reference, square_sums, [size])  # [P]
 
-    def _dense(self, x, reference):
+    def _dense(self, x, reference, shift, epsilon):
+        del shift, epsilon  # Exact for every method, as `_diag`.
         size = self._functional.num_parameters
         gram = lambda rows: tf.matmul(rows, rows, transpose_a=True)  # noqa: E731
         return self._sum_jacobian_chunks(x, reference, gram, [size, size])  # [P, P]
@@ -441,32 +511,21 @@ class _FisherProducts:
     def _primals(self):
         return [tf.convert_to_tensor(p) for p in self._functional.params0]
 
-    def _sum_chunks(self, fn, x, zeros):
-        """Sum fn(x[start:stop], start, stop) over chunks of the model's `batch_size`."""
-        return self._functional._sum_chunks(fn, x, zeros, lambda total, part: total + part)
+    def _sum_chunks(self, fn, x, zeros, chunk_size=None):
+        """Sum fn(x[start:stop], start, stop) over chunks, by default of the model's `batch_size`."""
+        add = lambda total, part: total + part  # noqa: E731
+        return self._functional._sum_chunks(fn, x, zeros, add, chunk_size)
 
     def _sum_jacobian_chunks(self, x, reference, reduce_rows, shape):
-        """Sum reduce_rows(Sᵀ J) over chunks small enough for a dense [chunk·O, P] Jacobian.
+        """Sum reduce_rows(Sᵀ J) over chunks small enough for a dense [chunk·O, P] Jacobian."""
 
-        NOTE: this repeats `FunctionalModel._sum_chunks`, which has no chunk size.
-        """
-        functional = self._functional
-        row_bytes = functional.num_outputs * functional.num_parameters * self.dtype.size
-        chunk_size = max(
-            1, min(functional.batch_size, autodiff.JACOBIAN_CHUNK_BYTES // max(row_bytes, 1))
-        )
-        num_examples = tf.shape(tf.nest.flatten(x)[0])[0]
-        num_chunks = (num_examples + chunk_size - 1) // chunk_size
+        def chunk(xc, start, stop):
+            return [reduce_rows(self._scaled_jacobian(xc, reference[start:stop]))]
 
-        def body(i, total):
-            start = i * chunk_size
-            stop = tf.minimum(start + chunk_size, num_examples)
-            xc = tf.nest.map_structure(lambda t: t[start:stop], x)
-            rows = self._scaled_jacobian(xc, reference[start:stop])  # [n·O, P]
-            return i + 1, total + reduce_rows(rows)
-
-        zeros = tf.zeros(shape, self.dtype)
-        _, total = tf.while_loop(lambda i, _: i < num_chunks, body, (0, zeros))
+        # The FunctionalModel's Jacobian chunk: at most `batch_size` examples and
+        # `autodiff.JACOBIAN_CHUNK_BYTES` of Jacobian rows.
+        chunk_size = self._functional._jacobian_rows()
+        (total,) = self._sum_chunks(chunk, x, [tf.zeros(shape, self.dtype)], chunk_size)
         return total
 
 
@@ -555,7 +614,7 @@ def _check_likelihood_fits(likelihood, num_outputs):
         )
 
 
-def _reference_outputs(functional, x, outputs, needs_shift):
+def _reference_outputs(functional, products, x, outputs, needs_shift):
     """Return the reference outputs o [N, O] and the shift o − f(x; θ₀) (or None)."""
     num_examples = functional.num_examples(x)
     if not isinstance(num_examples, int):
@@ -564,17 +623,17 @@ def _reference_outputs(functional, x, outputs, needs_shift):
             "received inputs with a dynamic first dimension."
         )
     if outputs is None:
-        return _network_outputs(functional, x, num_examples), None
+        return _network_outputs(functional, products, x, num_examples), None
     reference = _convert_outputs(outputs, num_examples, functional.num_outputs, functional.dtype)
     if not needs_shift:
         return reference, None
-    return reference, reference - _network_outputs(functional, x, num_examples)
+    return reference, reference - _network_outputs(functional, products, x, num_examples)
 
 
-def _network_outputs(functional, x, num_examples):
+def _network_outputs(functional, products, x, num_examples):
     if num_examples == 0:
         return tf.zeros([0, functional.num_outputs], functional.dtype)
-    return functional.outputs(x)  # [N, O]
+    return products.outputs(x)  # [N, O]
 
 
 def _convert_outputs(outputs, num_examples, num_outputs, dtype):

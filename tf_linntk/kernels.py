@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from tf_linntk import _streaming
+
 __all__ = ["NTKOperator"]
 
 
@@ -106,7 +108,7 @@ class NTKOperator(tf.linalg.LinearOperator):
         """Return row `index` of K as a vector [N2·O] (one JVP and one VJP)."""
         num_outputs = self._functional.num_outputs
         example, output = index // num_outputs, index % num_outputs
-        x_row = tf.nest.map_structure(lambda t: t[example:example + 1], self._x1)
+        x_row = _example(self._x1, example)
         cotangent = tf.one_hot([[output]], num_outputs, dtype=self.dtype)  # [1, O]
         tangent = self._functional.vjp(x_row, cotangent)  # [P]
         return tf.reshape(self._functional.jvp(self._x2, tangent), [-1])  # [N2·O]
@@ -135,10 +137,21 @@ def _ntk_matmul(functional, rows_x, cols_x, rhs):
     return tf.transpose(tf.reshape(products, [tf.shape(products)[0], -1]))  # [N1·O, R]
 
 
+def _example(x, index):
+    """Return example `index` of converted inputs as a batch of one.
+
+    Streamed inputs are read up to that example, without running the model.
+    """
+    if isinstance(x, _streaming.StreamedInputs):
+        dataset = x.dataset.unbatch().skip(tf.cast(index, tf.int64)).take(1).batch(1)
+        return dataset.get_single_element()
+    return tf.nest.map_structure(lambda t: t[index:index + 1], x)
+
+
 def _static_num_examples(functional, x):
     n = functional.num_examples(x)
     if not isinstance(n, int):
-        shapes = [tuple(t.shape) for t in tf.nest.flatten(x)]
+        shapes = [tuple(t.shape) for t in tf.nest.flatten(x, expand_composites=True)]
         raise ValueError(
             "`x1` and `x2` of an NTK operator must have a statically known number of "
             f"examples N; received inputs of shapes {shapes}. Inside a tf.function, "

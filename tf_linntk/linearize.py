@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import _model_checks
+from tf_linntk import _streaming
 from tf_linntk import autodiff
 from tf_linntk import kernels
 from tf_linntk import likelihoods
@@ -155,7 +156,9 @@ class LinearizedModel(keras.Model):
         Cost: one forward-mode pass over x, streamed in chunks of `batch_size`.
 
         Args:
-            x: inputs with N examples (array, tensor, or a tuple/list/dict).
+            x: inputs with N examples (array, tensor, or a tuple/list/dict), or a
+                finite `tf.data.Dataset` of batches (of x, or of (x, y) pairs), read
+                once to validate and count it and once per product.
             tangents: float vector [P] in the flat parameter order.
 
         Returns:
@@ -165,12 +168,13 @@ class LinearizedModel(keras.Model):
             ValueError: if `x` does not match the model's inputs or `tangents` is
                 not [P].
         """
-        x = self._convert_x(x)
+        x = self._convert_x(x, allow_dataset=True)
         tangents = self._convert_tangents(tangents)
         n = self._functional.num_examples(x)
         if n == 0:
             return tf.zeros([0, self.num_outputs], self._functional.dtype)
-        return self._functional.jvp(x, tangents)
+        with _streaming.translate_pass_errors():
+            return self._functional.jvp(x, tangents)
 
     def vjp(self, x, cotangents):
         """Compute the vector-Jacobian product J(x)ᵀ u.
@@ -178,7 +182,7 @@ class LinearizedModel(keras.Model):
         Cost: one forward and one reverse pass over x, streamed in chunks.
 
         Args:
-            x: inputs with N examples.
+            x: inputs with N examples, or a finite `tf.data.Dataset` (see `jvp`).
             cotangents: float tensor [N, O] in output space.
 
         Returns:
@@ -188,12 +192,13 @@ class LinearizedModel(keras.Model):
             ValueError: if `x` does not match the model's inputs or `cotangents`
                 is not [N, O].
         """
-        x = self._convert_x(x)
+        x = self._convert_x(x, allow_dataset=True)
         n = self._functional.num_examples(x)
         cotangents = self._convert_cotangents(cotangents, n)
         if n == 0:
             return tf.zeros([self.num_parameters], self._functional.dtype)
-        return self._functional.vjp(x, cotangents)
+        with _streaming.translate_pass_errors():
+            return self._functional.vjp(x, cotangents)
 
     def jacobian(self, x, max_dense_bytes=None):
         """Form the dense Jacobian J(x) = ∂f(x; θ)/∂θ at θ₀.
@@ -201,7 +206,7 @@ class LinearizedModel(keras.Model):
         Cost: vectorized reverse mode (`tape.jacobian`), memory N·O·P values.
 
         Args:
-            x: inputs with N examples.
+            x: inputs with N examples, or a finite `tf.data.Dataset` (see `jvp`).
             max_dense_bytes: size limit for this call; defaults to the model's.
 
         Returns:
@@ -210,7 +215,7 @@ class LinearizedModel(keras.Model):
         Raises:
             ValueError: if `x` is invalid or the result would exceed the limit.
         """
-        x = self._convert_x(x)
+        x = self._convert_x(x, allow_dataset=True)
         n = self._functional.num_examples(x)
         self.check_dense_size(
             (n, self.num_outputs, self.num_parameters), "jacobian", max_dense_bytes,
@@ -218,14 +223,17 @@ class LinearizedModel(keras.Model):
         )
         if n == 0:
             return tf.zeros([0, self.num_outputs, self.num_parameters], self._functional.dtype)
-        return self._functional.jacobian(x)
+        with _streaming.translate_pass_errors():
+            return self._functional.jacobian(x)
 
     def ntk(self, x1, x2=None):
         """Build the finite NTK K(x1, x2) = J(x1) J(x2)ᵀ as an implicit operator.
 
         Args:
-            x1: inputs with N1 examples.
-            x2: inputs with N2 examples, or None for x2 = x1 (symmetric).
+            x1: inputs with N1 examples, or a finite `tf.data.Dataset` (see `jvp`),
+                streamed on every product.
+            x2: inputs with N2 examples (or a dataset), or None for x2 = x1
+                (symmetric).
 
         Returns:
             `tf_linntk.kernels.NTKOperator` of shape [N1·O, N2·O], example-major.
@@ -233,8 +241,8 @@ class LinearizedModel(keras.Model):
         Raises:
             ValueError: if an input does not match the model's inputs.
         """
-        x1 = self._convert_x(x1, "x1")
-        x2 = None if x2 is None else self._convert_x(x2, "x2")
+        x1 = self._convert_x(x1, "x1", allow_dataset=True)
+        x2 = None if x2 is None else self._convert_x(x2, "x2", allow_dataset=True)
         return kernels.NTKOperator(
             self._functional, x1, x2, check_dense_size=self.check_dense_size
         )
@@ -254,7 +262,8 @@ class LinearizedModel(keras.Model):
         costs and the measured errors.
 
         Args:
-            x: inputs with N examples.
+            x: inputs with N examples, or a finite `tf.data.Dataset` (see `jvp`),
+                streamed on every product.
             likelihood: "gaussian", "categorical", "bernoulli", or a
                 `tf_linntk.likelihoods.Likelihood` instance.
             method: one of the methods above.
@@ -286,7 +295,11 @@ class LinearizedModel(keras.Model):
         `tf_linntk.inference.classification.fit` for the full lists.
 
         Args:
-            x: target inputs with N examples (array, tensor, tuple/list/dict).
+            x: target inputs with N examples (array, tensor, tuple/list/dict), or
+                a finite batched `tf.data.Dataset` of (x, y) pairs with `y=None`.
+                The dataset is read once to validate it and keep the targets, then
+                streamed on every product, so it must yield the same examples in
+                the same order on every pass (a change raises ValueError).
             y: targets. Regression takes floats [N] or [N, O], "categorical"
                 takes integer class ids [N] or one-hot rows [N, O], and
                 "bernoulli" takes 0/1 labels [N] or [N, 1].
@@ -310,7 +323,11 @@ class LinearizedModel(keras.Model):
             _check_logit_outputs(self.wrapped_model, likelihood_object.name)
         fit = _fitter(likelihood_object)
         _check_options(fit, options)
-        posterior = fit(self, x, y, likelihood, **options)
+        if options.get("seed") is None and self._functional.is_sharded:
+            # Workers of a multi-worker strategy must make the same random draws.
+            options["seed"] = self._functional.shared_seed()
+        with _streaming.translate_pass_errors():
+            posterior = fit(self, x, y, likelihood, **options)
         self._set_posterior(posterior)
         return self
 
@@ -394,8 +411,8 @@ class LinearizedModel(keras.Model):
                 "or raise `max_dense_bytes`."
             )
 
-    def _convert_x(self, x, name="x"):
-        return self._functional.convert_inputs(x, name)
+    def _convert_x(self, x, name="x", allow_dataset=False):
+        return self._functional.convert_inputs(x, name, allow_dataset=allow_dataset)
 
     def _convert_tangents(self, tangents, name="tangents"):
         tangents = _convert_float(tangents, name, self._functional.dtype)

@@ -17,6 +17,7 @@ import weakref
 import tensorflow as tf
 
 from tf_linntk import _operators
+from tf_linntk import _streaming
 from tf_linntk import solvers
 
 # Ritz values at or below this fraction of the largest one are rounding noise of a
@@ -134,7 +135,13 @@ class FitState:
 
     @classmethod
     def for_data(cls, functional, likelihood, x, labels, prior_mean):
-        """Return the cached state of (functional, likelihood, structure of x), loaded."""
+        """Return the cached state of (functional, likelihood, structure of x), loaded.
+
+        Streamed inputs get a new state each time, because the compiled products
+        capture their dataset.
+        """
+        if isinstance(x, _streaming.StreamedInputs):
+            return cls(functional, likelihood, x, labels, prior_mean)
         per_model = cls._CACHE.setdefault(functional, {})
         key = (likelihood.name, _structure_key(x))
         if key not in per_model:
@@ -148,7 +155,8 @@ class FitState:
         self._functional = weakref.ref(functional)
         self.likelihood = likelihood
         self.num_outputs = int(prior_mean.shape[1])
-        self._inputs = tf.nest.map_structure(_flexible_variable, x)
+        self._streamed = isinstance(x, _streaming.StreamedInputs)
+        self._inputs = x if self._streamed else tf.nest.map_structure(_flexible_variable, x)
         self._labels = _flexible_variable(labels)
         self._prior_mean = _flexible_variable(prior_mean)
         self._curvature_logits = _flexible_variable(prior_mean)
@@ -166,7 +174,8 @@ class FitState:
 
     def load(self, x, labels, prior_mean):
         """Store a fit's inputs, labels [N] and prior mean [N, O] (also the curvature logits)."""
-        tf.nest.map_structure(lambda variable, value: variable.assign(value), self._inputs, x)
+        if not self._streamed:
+            tf.nest.map_structure(lambda variable, value: variable.assign(value), self._inputs, x)
         self._labels.assign(labels)
         self._prior_mean.assign(prior_mean)
         self._curvature_logits.assign(prior_mean)
@@ -178,7 +187,7 @@ class FitState:
 
     def release(self):
         """Replace the stored data by empty tensors."""
-        variables = tf.nest.flatten(self._inputs)
+        variables = [] if self._streamed else tf.nest.flatten(self._inputs)
         variables += [self._labels, self._prior_mean, self._curvature_logits]
         for variable in variables:
             variable.assign(variable[:0])
@@ -188,14 +197,50 @@ class FitState:
         return tf.cast(tf.shape(self._labels)[0], tf.float64)
 
     def subset(self, indices):
-        """Return (x, labels [n], prior_mean [n, O]) of the stored examples at `indices` [n]."""
+        """Return (x, labels [n], prior_mean [n, O]) of the stored examples at `indices` [n].
+
+        Only for inputs in memory: streamed inputs cannot be indexed.
+        """
         x = tf.nest.map_structure(lambda variable: tf.gather(variable, indices), self._inputs)
         return x, tf.gather(self._labels, indices), tf.gather(self._prior_mean, indices)
+
+    def minibatches(self, batch_size, seed, epoch):
+        """Yield the (x, labels [n], prior_mean [n, O]) minibatches of one epoch.
+
+        Inputs in memory come in a stateless permutation seeded by (seed, epoch).
+        Streamed inputs come in the dataset's own order, the same in every epoch.
+        """
+        num_examples = int(tf.shape(self._labels)[0])
+        batch_size = min(batch_size, num_examples)
+        if self._streamed:
+            yield from self._streamed_minibatches(batch_size, num_examples)
+            return
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num_examples, dtype=tf.int64), tf.constant([seed, epoch], tf.int64)
+        )
+        for start in range(0, num_examples, batch_size):
+            yield self.subset(order[start:start + batch_size])
+
+    def _streamed_minibatches(self, batch_size, num_examples):
+        start = 0
+        for x in self._inputs.dataset.rebatch(batch_size):
+            stop = start + int(tf.shape(tf.nest.flatten(x)[0])[0])
+            if stop > num_examples:
+                break
+            yield x, self._labels[start:stop], self._prior_mean[start:stop]
+            start = stop
+        if start != num_examples:
+            raise ValueError(
+                f"{_streaming.PASS_MISMATCH}: an epoch of minibatches did not yield exactly "
+                f"the {num_examples} examples of the first pass. {_streaming.PASS_ADVICE}"
+            )
 
     def _ggn_matmul(self, vectors):
         # V [P, R] -> J V -> H J V -> Jᵀ H J V [P, R]
         functional = self.functional
-        x = tf.nest.map_structure(tf.convert_to_tensor, self._inputs)
+        x = self._inputs if self._streamed else tf.nest.map_structure(
+            tf.convert_to_tensor, self._inputs
+        )
         logits = tf.convert_to_tensor(self._curvature_logits)  # [N, O]
         if vectors.shape[1] == 1:
             curvature = self.likelihood.hessian_matmul(logits, _jvp(functional, x, vectors[:, 0]))
@@ -208,14 +253,15 @@ class FitState:
         return tf.transpose(tf.cast(products, tf.float64))  # [P, R]
 
 
-def top_eigenpairs(operator, rank, seed):
+def top_eigenpairs(operator, rank, seed, verbose=0):
     """Return the top Ritz pairs (θ [k], U [P, k], record) of a PSD operator by Lanczos.
 
     Runs `rank` Lanczos steps (fewer when the Krylov space becomes invariant) and
     drops Ritz values ≤ 1e-12 · max as rounding noise. The record states the
-    Lanczos steps run and the number of pairs kept.
+    Lanczos steps run and the number of pairs kept. `verbose=1` shows a
+    progress bar over the Lanczos steps.
     """
-    values, vectors = solvers.lanczos_eigh(operator, rank, seed=seed)
+    values, vectors = solvers.lanczos_eigh(operator, rank, seed=seed, verbose=verbose)
     num_iterations = int(values.shape[0])
     keep = values > RITZ_RELATIVE_CUTOFF * tf.reduce_max(values)
     values = tf.boolean_mask(values, keep)

@@ -52,7 +52,9 @@ def newton_cg(problem, prior_variance, initial, *, tol, max_iterations, verbose=
         initial: float64 Tensor [P], the starting point.
         tol: float, gradient tolerance of the stopping rule.
         max_iterations: int, maximum number of Newton steps.
-        verbose: 0 or 1 (a Keras progress bar over the Newton steps).
+        verbose: 0 or 1 (a Keras progress bar over the Newton steps with the
+            current loss and ‖∇L‖). The CG solve inside each step stays
+            silent, so only one bar shows at a time.
 
     Returns:
         (weights [P], logits [N, O], record, trace): the record is a
@@ -66,7 +68,8 @@ def newton_cg(problem, prior_variance, initial, *, tol, max_iterations, verbose=
     gradient = problem.gradient(weights, logits, prior_variance)
     trace = {"loss": [float(loss)], "gradient_norm": [float(tf.norm(gradient))],
              "cg_iterations": [], "stalled": False}
-    progress = keras.utils.Progbar(max_iterations, verbose=verbose, unit_name="step")
+    progress = keras.utils.Progbar(max_iterations, verbose=verbose, unit_name="step",
+                                   stateful_metrics=["loss", "gradient_norm"])
     step_count = 0
 
     while step_count < max_iterations and trace["gradient_norm"][-1] > tol * scale:
@@ -92,12 +95,17 @@ def newton_cg(problem, prior_variance, initial, *, tol, max_iterations, verbose=
         trace["loss"].append(float(loss))
         trace["gradient_norm"].append(float(tf.norm(gradient)))
         trace["cg_iterations"].append(int(cg_record.iterations[0]))
-        progress.update(step_count, [("loss", float(loss))])
+        progress.update(step_count, [("loss", float(loss)),
+                                     ("gradient_norm", trace["gradient_norm"][-1])])
         _logger.info("Newton-CG step %d: loss=%.10g, |grad|=%.3g, CG iterations=%d.",
                      step_count, float(loss), trace["gradient_norm"][-1], trace["cg_iterations"][-1])
 
+    if step_count < max_iterations:
+        # The loop stopped before max_iterations, so no update() ended the bar's line yet.
+        progress.update(step_count, finalize=True)
     record = _gradient_record("newton_cg", step_count, trace["gradient_norm"][-1], scale, tol,
                               max_iterations)
+    _logger.info("Newton-CG: stop, %r", record)
     return weights, logits, record, trace
 
 
@@ -194,9 +202,11 @@ def adam(problem, prior_variance, initial, *, tol, epochs, batch_size, learning_
     trainer.weights.assign(initial)
     prior_variance_tensor = tf.constant(prior_variance, tf.float64)
 
-    epoch_losses = run_epochs(lambda indices: trainer.step(indices, prior_variance_tensor),
-                              problem.num_examples, epochs, batch_size, seed, verbose,
-                              metric="loss")
+    epoch_losses = run_epochs(
+        lambda batch: trainer.step(batch, prior_variance_tensor),
+        lambda epoch: problem.state.minibatches(batch_size, seed, epoch),
+        epochs, verbose, metric="loss",
+    )
     weights = tf.convert_to_tensor(trainer.weights)
     logits = problem.logits(weights)
     gradient_norm = float(tf.norm(problem.gradient(weights, logits, prior_variance)))
@@ -238,11 +248,11 @@ class _MapTrainer(AdamTrainer):
                                    trainable=False, name="map_weights")
         super().__init__([self.weights], schedule)
 
-    def _step(self, indices, prior_variance):
+    def _step(self, batch, prior_variance):
         state = self.state
-        x, labels, prior_mean = state.subset(indices)
+        x, labels, prior_mean = batch
         logits = prior_mean + _glm.minibatch_jvp(state.functional, x, self.weights)  # [n, O]
-        ratio = state.num_examples() / tf.cast(tf.shape(indices)[0], tf.float64)
+        ratio = state.num_examples() / tf.cast(tf.shape(labels)[0], tf.float64)
         score = state.likelihood.grad_log_prob(labels, logits)  # [n, O]
         gradient = (-ratio * _glm.minibatch_vjp(state.functional, x, score)
                     + self.weights / prior_variance)
@@ -299,24 +309,18 @@ def steps_per_epoch(num_examples, batch_size):
     return math.ceil(num_examples / min(batch_size, num_examples))
 
 
-def run_epochs(train_step, num_examples, epochs, batch_size, seed, verbose, metric):
-    """Run `train_step(indices)` over shuffled minibatches; return the epoch means.
+def run_epochs(train_step, minibatches, epochs, verbose, metric):
+    """Run `train_step(batch)` over `minibatches(epoch)` each epoch; return the epoch means.
 
-    The order of each epoch is a stateless permutation seeded by (seed, epoch).
     Progress goes to the logger at INFO level, and to a Keras progress bar at
     verbose=1.
     """
-    progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch")
-    batch_size = min(batch_size, num_examples)
+    # The bar shows each epoch's mean as it is, not averaged with earlier epochs.
+    progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch",
+                                   stateful_metrics=[metric])
     epoch_means = []
     for epoch in range(epochs):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(num_examples, dtype=tf.int64), tf.constant([seed, epoch], tf.int64)
-        )
-        values = [
-            float(train_step(order[start:start + batch_size]))
-            for start in range(0, num_examples, batch_size)
-        ]
+        values = [float(train_step(batch)) for batch in minibatches(epoch)]
         epoch_means.append(float(np.mean(values)))
         progress.update(epoch + 1, [(metric, epoch_means[-1])])
         _logger.info("Epoch %d/%d: %s=%.6g.", epoch + 1, epochs, metric, epoch_means[-1])
@@ -358,6 +362,7 @@ def report_convergence(record, trace, on_nonconvergence, stacklevel):
         )
     else:
         message += " Increase `max_iterations` (or `epochs` for 'adam') or loosen `tol`."
+    _logger.warning("%s", message)
     if on_nonconvergence == "raise":
         raise solvers.ConvergenceError(message)
     warnings.warn(message, solvers.ConvergenceWarning, stacklevel=stacklevel + 1)

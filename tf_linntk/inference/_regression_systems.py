@@ -110,6 +110,7 @@ class RegressionProblem:
             max_iterations=options["max_iterations"],
             preconditioner=preconditioner,
             on_nonconvergence=options["on_nonconvergence"],
+            verbose=options["verbose"],
         )
         # w = s² Jᵀ α
         cotangents = tf.reshape(alpha, [self.num_examples, self.num_outputs])
@@ -136,6 +137,7 @@ class RegressionProblem:
             max_iterations=options["max_iterations"],
             preconditioner=preconditioner,
             on_nonconvergence=options["on_nonconvergence"],
+            verbose=options["verbose"],
         )
         return weights[:, 0], {"solve": record}
 
@@ -166,15 +168,19 @@ class RegressionProblem:
 
     # ------------------------------------------------------------------ covariance
 
-    def covariance_root(self, space, rank, seed, method="lanczos"):
-        """Return (U [P, k], θ [k], record): top Ritz pairs of Jᵀ D⁻¹ J = U diag(θ) Uᵀ."""
+    def covariance_root(self, space, rank, seed, method="lanczos", verbose=0):
+        """Return (U [P, k], θ [k], record): top Ritz pairs of Jᵀ D⁻¹ J = U diag(θ) Uᵀ.
+
+        `verbose=1` shows a progress bar over the Lanczos iterations. The
+        randomized method has no iterations, so it shows none.
+        """
         if method == "randomized":
             return self._randomized_root(rank, seed)
         if space == "function":
-            return self._root_from_function_space(rank, seed)
-        return self._root_from_parameter_space(rank, seed)
+            return self._root_from_function_space(rank, seed, verbose)
+        return self._root_from_parameter_space(rank, seed, verbose)
 
-    def _root_from_function_space(self, rank, seed):
+    def _root_from_function_space(self, rank, seed, verbose):
         inv_sqrt_noise = tf.math.rsqrt(self.noise_flat)  # [N·O]
 
         # C = D^-1/2 K D^-1/2, whose eigenpairs give those of Jᵀ D⁻¹ J.
@@ -183,7 +189,7 @@ class RegressionProblem:
 
         rank = min(rank, self.function_size)
         values, vectors = solvers.lanczos_eigh(
-            _operator(scaled_kernel, self.function_size), rank, seed=seed
+            _operator(scaled_kernel, self.function_size), rank, seed=seed, verbose=verbose
         )
         values, vectors, record = _keep_significant(values, vectors)
         # U = Jᵀ D^-1/2 V Θ^-1/2, one batched VJP.
@@ -225,13 +231,14 @@ class RegressionProblem:
         record["method"] = "randomized"
         return vectors, values, record
 
-    def _root_from_parameter_space(self, rank, seed):
+    def _root_from_parameter_space(self, rank, seed, verbose):
         rank = min(rank, self.parameter_size)
         self.fisher_operator("ggn")
         values, vectors = solvers.lanczos_eigh(
             _operator(lambda v: self.data_precision_matmul(v, "ggn"), self.parameter_size),
             rank,
             seed=seed,
+            verbose=verbose,
         )
         values, vectors, record = _keep_significant(values, vectors)
         return vectors, values, record

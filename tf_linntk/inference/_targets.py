@@ -6,6 +6,15 @@ import tensorflow as tf
 from tf_linntk import _checks
 
 
+def check_no_separate_targets(y):
+    """Raise ValueError if `y` is given next to a dataset `x`, which yields the targets."""
+    if y is not None:
+        raise ValueError(
+            "`y` must be None when `x` is a tf.data.Dataset, because the dataset "
+            f"yields the targets; received y of type {type(y).__name__}."
+        )
+
+
 def convert_targets(y, num_examples, num_outputs, name="y"):
     """Convert regression targets to float64 [N, O] and validate them."""
     if y is None:

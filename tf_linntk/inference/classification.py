@@ -24,9 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 from tf_linntk import _checks
+from tf_linntk import _streaming
 from tf_linntk import likelihoods
 from tf_linntk.inference import _glm
 from tf_linntk.inference import _optimizers
+from tf_linntk.inference import _targets
 from tf_linntk.inference import classification_posterior
 from tf_linntk.inference import variational
 
@@ -96,7 +98,9 @@ def fit(
 
     Args:
         lin: the `LinearizedModel` (O logits per example).
-        x: inputs with N examples.
+        x: inputs with N examples, or a finite batched `tf.data.Dataset` of
+            (x, y) pairs (then `y` is None), read again on every product; its
+            minibatches for "adam" and "variational" come in the dataset's order.
         y: labels. Categorical: integer class ids [N] or [N, 1] in [0, O), or
             one-hot rows [N, O]; float arrays are accepted when every value is
             an integer. Bernoulli: 0/1 labels [N] or [N, 1] for a single-logit
@@ -125,7 +129,11 @@ def fit(
             predictive's default Monte Carlo draws; None draws one at random.
         on_nonconvergence: "warn" (default), "raise" or "ignore" when the MAP
             optimizer stops above `tol`.
-        verbose: 0 (default, silent) or 1 (Keras progress bars).
+        verbose: 0 (default, silent) or 1: Keras progress bars over the
+            Newton steps or Adam epochs of the MAP, the Lanczos steps of the
+            final Laplace covariance, and the variational epochs. The CG solve
+            inside each Newton step and the Lanczos runs of the prior-variance
+            search show no bar, so one bar shows at a time.
         variational_family: "mean_field" (default) or "low_rank" (inference
             "variational" only).
         rank: rank r of the "low_rank" family (default 10).
@@ -222,6 +230,9 @@ def _fit_posterior(problem, options):
 
 def _build_problem(lin, x, y, likelihood):
     """Convert and validate x and y; return the GLMProblem with m(x) computed."""
+    if _streaming.is_dataset(x):
+        _targets.check_no_separate_targets(y)
+        x, y = lin.functional.read_dataset(x)
     x = lin._convert_x(x)
     num_examples = lin.functional.num_examples(x)
     if not isinstance(num_examples, int):
@@ -233,7 +244,6 @@ def _build_problem(lin, x, y, likelihood):
             "`y` is required for classification; received None. Pass labels with "
             f"N={num_examples} entries (from `x`)."
         )
-    # NOTE: a tf.data.Dataset of (x, y) pairs is not accepted here yet; pass arrays.
     labels = likelihood.validate_labels(y, lin.num_outputs, num_examples, arg_name="y")
     prior_mean = tf.cast(lin._prior_mean_flat(x), tf.float64)  # [N, O]
     non_finite = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(prior_mean), tf.int32)))
@@ -290,15 +300,17 @@ def _fit_map(problem, prior_variance, initial, options, records):
     return weights, logits
 
 
-def _ggn_eigenpairs(problem, logits, options):
+def _ggn_eigenpairs(problem, logits, options, verbose=0):
     """Return the top Ritz pairs (θ [k], U [P, k], record) of G at `logits`."""
     problem.set_curvature(logits)
     rank = min(options["variance_rank"], problem.num_parameters)
-    return _glm.top_eigenpairs(problem.ggn_operator, rank, options["seed"])
+    return _glm.top_eigenpairs(problem.ggn_operator, rank, options["seed"], verbose=verbose)
 
 
 def _laplace_posterior(problem, weights, logits, prior_variance, records, options):
-    eigenvalues, root, lanczos_record = _ggn_eigenpairs(problem, logits, options)
+    eigenvalues, root, lanczos_record = _ggn_eigenpairs(
+        problem, logits, options, verbose=options["verbose"]
+    )
     records["lanczos"] = lanczos_record
     evidence = laplace_log_evidence(problem, weights, logits, prior_variance, eigenvalues)
     _logger.info("Laplace: %d Ritz pairs, log evidence %.6g.", int(eigenvalues.shape[0]), evidence)

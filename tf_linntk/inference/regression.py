@@ -21,6 +21,7 @@ import logging
 import tensorflow as tf
 
 from tf_linntk import _checks
+from tf_linntk import _streaming
 from tf_linntk import likelihoods
 from tf_linntk.inference import _regression_systems as systems
 from tf_linntk.inference import _targets
@@ -69,8 +70,10 @@ def fit(
 
     Args:
         lin: the `LinearizedModel`.
-        x: inputs with N examples, or a batched `tf.data.Dataset` of (x, y)
-            pairs (then `y` is None); a dataset is read once into memory.
+        x: inputs with N examples, or a finite batched `tf.data.Dataset` of
+            (x, y) pairs (then `y` is None). A dataset is read once to validate it
+            and keep the targets [N, O], and again on every product, so it must
+            yield the same examples in the same order on every pass.
         y: float targets [N, O], or [N] when O = 1.
         likelihood: "gaussian" or a `tf_linntk.likelihoods.Gaussian`; the noise
             variance of a Gaussian object is used when `noise_variance` is None.
@@ -102,7 +105,10 @@ def fit(
             covariance root.
         seed: int seed for the preconditioner sketch and the Lanczos start.
         on_nonconvergence: "warn", "raise" or "ignore" when CG stops early.
-        verbose: 0 (silent) or 1 (log progress at INFO level).
+        verbose: 0 (silent) or 1: Keras progress bars over the CG iterations
+            of the mean and the Lanczos iterations of the covariance root, and
+            progress logged at INFO level. The CG solves of variance="exact"
+            at prediction time and of the hyperparameter search stay silent.
 
     Returns:
         A `RegressionPosterior`; its `space` is the space the mean was solved in.
@@ -115,8 +121,9 @@ def fit(
         lin, space, fisher, tol, max_iterations, preconditioner, preconditioner_rank,
         variance, variance_rank, seed, on_nonconvergence, verbose,
     )
-    if isinstance(x, tf.data.Dataset):
-        x, y = _unpack_dataset(x, y)
+    if _streaming.is_dataset(x):
+        _targets.check_no_separate_targets(y)
+        x, y = lin.functional.read_dataset(x)
     x = lin._convert_x(x)
     num_examples = lin.functional.num_examples(x)
     if num_examples == 0:
@@ -142,6 +149,7 @@ def fit(
         root, eigenvalues, lanczos_record = problem.covariance_root(
             chosen_space, options["variance_rank"], options["seed"],
             method="randomized" if options["variance"] == "randomized" else "lanczos",
+            verbose=options["verbose"],
         )
         records["lanczos"] = lanczos_record
     records.update(hyper_record)
@@ -186,39 +194,6 @@ def _hyperparameters(lin, x, y, likelihood, noise_variance, prior_variance, opti
         noise.numpy(), fitted["prior_variance"],
     )
     return noise, float(fitted["prior_variance"]), {"hyperparameters": fitted}
-
-
-def _unpack_dataset(dataset, y):
-    """Concatenate a batched tf.data.Dataset of (x, y) pairs into (x, y) tensors.
-
-    Every CG iteration passes over all the data, so the examples are held in
-    memory, as they are when arrays are passed.
-    """
-    if y is not None:
-        raise ValueError(
-            "`y` must be None when `x` is a tf.data.Dataset, because the dataset "
-            f"yields the targets; received y of type {type(y).__name__}."
-        )
-    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
-        raise ValueError(
-            "`x` must be a finite tf.data.Dataset; received an infinite one (e.g. "
-            "from `.repeat()` without a count). Every CG iteration passes over all "
-            "of the data, so pass one pass of it."
-        )
-    spec = dataset.element_spec
-    if not isinstance(spec, tuple) or len(spec) != 2:
-        raise ValueError(
-            "`x` must be a batched tf.data.Dataset of (x, y) pairs; received a dataset "
-            f"with element_spec {spec}."
-        )
-    inputs, targets = [], []
-    for batch_x, batch_y in dataset:
-        inputs.append(batch_x)
-        targets.append(batch_y)
-    if not inputs:
-        raise ValueError("`x` must contain at least one example; received an empty dataset.")
-    x = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *inputs)
-    return x, tf.concat(targets, axis=0)
 
 
 def _choose_space(space, problem):

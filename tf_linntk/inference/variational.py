@@ -109,9 +109,9 @@ def fit_variational(problem, prior_variance, initial_mean, initial_logits, recor
     seed = tf.constant(options["seed"], tf.int32)
 
     elbo_per_epoch = _optimizers.run_epochs(
-        lambda indices: trainer.step(indices, prior_variance_tensor, seed),
-        problem.num_examples, options["epochs"], options["batch_size"], options["seed"],
-        options["verbose"], metric="elbo",
+        lambda batch: trainer.step(batch, prior_variance_tensor, seed),
+        lambda epoch: problem.state.minibatches(options["batch_size"], options["seed"], epoch),
+        options["epochs"], options["verbose"], metric="elbo",
     )
     family = trainer.family
     final_elbo, standard_error = evaluate_elbo(
@@ -219,10 +219,10 @@ class _ElboTrainer(_optimizers.AdamTrainer):
         super().reset(learning_rate, total_steps)
         self.step_counter.assign(0)
 
-    def _step(self, indices, prior_variance, seed):
+    def _step(self, batch, prior_variance, seed):
         state, family = self.state, self.family
         functional = state.functional
-        x, labels, prior_mean = state.subset(indices)
+        x, labels, prior_mean = batch
         step_seed = tf.stack([seed, self.step_counter.assign_add(1)])
         with tf.GradientTape() as tape:
             samples = family.distribution().sample(self.num_samples, seed=step_seed)  # [S, P]
@@ -231,7 +231,7 @@ class _ElboTrainer(_optimizers.AdamTrainer):
         # δₛ -> logits -> gradient of the minibatch log-likelihood estimate at each δₛ
         tangents = tf.cast(tf.stop_gradient(samples), functional.dtype)
         logits = prior_mean + tf.cast(functional.jvp_batched(x, tangents), tf.float64)  # [S, n, O]
-        ratio = state.num_examples() / tf.cast(tf.shape(indices)[0], tf.float64)
+        ratio = state.num_examples() / tf.cast(tf.shape(labels)[0], tf.float64)
         ratio /= self.num_samples
         log_likelihood = ratio * _sum_log_prob(state.likelihood, labels, logits, state.num_outputs)
         score = _score(state.likelihood, labels, logits, state.num_outputs)  # [S, n, O]
