@@ -213,6 +213,55 @@ def test_variational_progress_bar_at_verbose_one(categorical_toy, capsys):
     assert "elbo" in capsys.readouterr().out
 
 
+class _StopAfter(keras.callbacks.Callback):
+    """Record the callback calls and stop the training after `epochs` epochs."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.stop_epochs = epochs
+        self.calls = []
+        self.logs = []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append("train_begin")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(f"epoch_end_{epoch}")
+        self.logs.append(dict(logs))
+        if epoch + 1 >= self.stop_epochs:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.calls.append("train_end")
+
+
+def test_variational_callbacks_see_epochs_and_stop(categorical_toy):
+    """Keras callbacks get the ELBO at each epoch, and stop_training ends the training."""
+    callback = _StopAfter(2)
+    posterior = categorical_toy.adapt(inference="variational", callbacks=[callback],
+                                      **TRAINING)
+    record = posterior.convergence["variational"]
+
+    assert callback.calls == ["train_begin", "epoch_end_0", "epoch_end_1", "train_end"]
+    assert callback.model is categorical_toy.lin
+    assert record["elbo"].shape == (2,)
+    for logs, elbo in zip(callback.logs, record["elbo"]):
+        assert logs["elbo"] == pytest.approx(elbo)
+        assert logs["loss"] == pytest.approx(-elbo)
+
+
+def test_adam_map_callbacks_see_loss(categorical_toy):
+    """Adam MAP epochs report their mean loss to callbacks and stop on request."""
+    callback = _StopAfter(3)
+    posterior = categorical_toy.adapt(inference="map", optimizer="adam", callbacks=[callback],
+                                      on_nonconvergence="ignore", **TRAINING)
+
+    losses = posterior.convergence["map_trace"]["loss"]
+    assert len(losses) == 3
+    assert [logs["loss"] for logs in callback.logs] == pytest.approx(losses)
+    assert int(posterior.convergence["map"].iterations[0]) == 3
+
+
 # ---------------------------------------------------------------------- KL
 
 
@@ -309,9 +358,10 @@ def test_variational_leaves_model_weights_unchanged(categorical_toy):
         ({"learning_rate": -0.1}, ValueError, r"`learning_rate` must be a finite float > 0"),
         ({"num_elbo_samples": 0}, ValueError, r"`num_elbo_samples`"),
         ({"initialization": "random"}, ValueError, r"`initialization` must be one of"),
+        ({"callbacks": ["stop"]}, TypeError, r"`callbacks` must be None or a list of keras"),
     ],
     ids=["family", "rank", "epochs", "batch_size", "learning_rate", "num_elbo_samples",
-         "initialization"],
+         "initialization", "callbacks"],
 )
 def test_variational_rejects_invalid_options(categorical_toy, options, error, match):
     """Invalid variational options raise errors naming the option."""

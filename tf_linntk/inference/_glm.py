@@ -37,6 +37,7 @@ class GLMProblem:
     """
 
     def __init__(self, lin, x, labels, likelihood, prior_mean):
+        self.model = lin
         self.functional = lin.functional
         self.x = x
         self.labels = labels

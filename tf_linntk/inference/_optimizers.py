@@ -175,7 +175,7 @@ def lbfgs(problem, prior_variance, initial, *, tol, max_iterations, verbose=0):
 
 
 def adam(problem, prior_variance, initial, *, tol, epochs, batch_size, learning_rate, seed,
-         verbose=0):
+         verbose=0, callbacks=None):
     """Minimize L(δ) by minibatch Adam on a `tf.Variable` δ (the model stays untouched).
 
     A step on the minibatch B uses the unbiased gradient estimate
@@ -192,9 +192,12 @@ def adam(problem, prior_variance, initial, *, tol, epochs, batch_size, learning_
         learning_rate: float or a `keras.optimizers.schedules.LearningRateSchedule`.
         seed: int seed of the minibatch order.
         verbose: 0 or 1 (a Keras progress bar over the epochs).
+        callbacks: list of `keras.callbacks.Callback` called at each epoch (see
+            `run_epochs`), or None.
 
     Returns:
-        As `newton_cg`; the trace contains the mean minibatch loss of each epoch.
+        As `newton_cg`; the trace contains the mean minibatch loss of each epoch
+        run (fewer than `epochs` when a callback stopped the training).
     """
     trainer = cached_trainer(problem.state, ("adam_map",), learning_rate,
                              lambda schedule: _MapTrainer(problem.state, schedule))
@@ -205,13 +208,15 @@ def adam(problem, prior_variance, initial, *, tol, epochs, batch_size, learning_
     epoch_losses = run_epochs(
         lambda batch: trainer.step(batch, prior_variance_tensor),
         lambda epoch: problem.state.minibatches(batch_size, seed, epoch),
-        epochs, verbose, metric="loss",
+        epochs, verbose, metric="loss", callbacks=callbacks, model=problem.model,
     )
     weights = tf.convert_to_tensor(trainer.weights)
     logits = problem.logits(weights)
     gradient_norm = float(tf.norm(problem.gradient(weights, logits, prior_variance)))
     trace = {"loss": epoch_losses, "gradient_norm": [gradient_norm], "stalled": False}
-    record = _gradient_record("adam", epochs, gradient_norm, problem.gradient_scale(), tol, epochs)
+    record = _gradient_record(
+        "adam", len(epoch_losses), gradient_norm, problem.gradient_scale(), tol, epochs
+    )
     return weights, logits, record, trace
 
 
@@ -309,21 +314,38 @@ def steps_per_epoch(num_examples, batch_size):
     return math.ceil(num_examples / min(batch_size, num_examples))
 
 
-def run_epochs(train_step, minibatches, epochs, verbose, metric):
+def run_epochs(train_step, minibatches, epochs, verbose, metric, callbacks=None, model=None):
     """Run `train_step(batch)` over `minibatches(epoch)` each epoch; return the epoch means.
 
     Progress goes to the logger at INFO level, and to a Keras progress bar at
-    verbose=1.
+    verbose=1. Keras `callbacks` get `on_train_begin`, `on_epoch_begin`,
+    `on_epoch_end` with logs {metric: epoch mean} (plus "loss" = −ELBO when the
+    metric is "elbo", so that e.g. `EarlyStopping(monitor="loss")` works) and
+    `on_train_end`. A callback that sets `model.stop_training` ends the training
+    after that epoch.
     """
+    callback_list = keras.callbacks.CallbackList(callbacks or [], model=model)
+    if model is not None:
+        model.stop_training = False
     # The bar shows each epoch's mean as it is, not averaged with earlier epochs.
     progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch",
                                    stateful_metrics=[metric])
-    epoch_means = []
+    epoch_means, logs = [], {}
+    callback_list.on_train_begin()
     for epoch in range(epochs):
+        callback_list.on_epoch_begin(epoch)
         values = [float(train_step(batch)) for batch in minibatches(epoch)]
         epoch_means.append(float(np.mean(values)))
         progress.update(epoch + 1, [(metric, epoch_means[-1])])
         _logger.info("Epoch %d/%d: %s=%.6g.", epoch + 1, epochs, metric, epoch_means[-1])
+        logs = {metric: epoch_means[-1]}
+        if metric == "elbo":
+            logs["loss"] = -epoch_means[-1]
+        callback_list.on_epoch_end(epoch, logs)
+        if model is not None and model.stop_training:
+            _logger.info("Training stopped by a callback after epoch %d.", epoch + 1)
+            break
+    callback_list.on_train_end(logs)
     return epoch_means
 
 

@@ -88,6 +88,7 @@ def fit(
     learning_rate=1e-2,
     num_elbo_samples=4,
     initialization="map",
+    callbacks=None,
 ):
     """Fit the posterior of a linearized classifier to labelled data.
 
@@ -149,6 +150,13 @@ def fit(
             MAP fit when `prior_variance` is given). The initial variances are
             1/(diag G + 1/s²) at the starting point (see
             `tf_linntk.inference.variational`).
+        callbacks: list of `keras.callbacks.Callback` for the epochs of "adam"
+            MAP and variational training (ignored otherwise). Each epoch ends
+            with logs {"loss": mean minibatch loss} ("adam") or {"elbo": mean
+            ELBO estimate, "loss": −elbo} (variational). A callback that sets
+            `model.stop_training`, such as `keras.callbacks.EarlyStopping`,
+            ends the training after that epoch; `model` is the
+            `LinearizedModel`.
 
     Returns:
         A `ClassificationPosterior`.
@@ -172,7 +180,7 @@ def fit(
         variance_rank=variance_rank, seed=seed, on_nonconvergence=on_nonconvergence,
         verbose=verbose, variational_family=variational_family, rank=rank, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, num_elbo_samples=num_elbo_samples,
-        initialization=initialization,
+        initialization=initialization, callbacks=callbacks,
     ))
     likelihood = _check_likelihood(likelihood, lin.num_outputs)
     problem = _build_problem(lin, x, y, likelihood)
@@ -284,7 +292,7 @@ def _fit_map(problem, prior_variance, initial, options, records):
         weights, logits, record, trace = _optimizers.adam(
             problem, prior_variance, initial, tol=options["tol"], epochs=options["epochs"],
             batch_size=options["batch_size"], learning_rate=options["learning_rate"],
-            seed=options["seed"], verbose=options["verbose"],
+            seed=options["seed"], verbose=options["verbose"], callbacks=options["callbacks"],
         )
     else:
         method = _optimizers.newton_cg if optimizer == "newton_cg" else _optimizers.lbfgs

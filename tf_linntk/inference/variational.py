@@ -66,11 +66,28 @@ def validate_options(options):
         "rank": _checks.check_positive_int("rank", options["rank"]),
         "epochs": _checks.check_positive_int("epochs", options["epochs"]),
         "batch_size": _checks.check_positive_int("batch_size", options["batch_size"]),
+        "callbacks": _check_callbacks(options["callbacks"]),
         "learning_rate": learning_rate,
         "num_elbo_samples": _checks.check_positive_int(
             "num_elbo_samples", options["num_elbo_samples"]
         ),
     }
+
+
+def _check_callbacks(callbacks):
+    """Return `callbacks` as a list of Keras callbacks (empty for None)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, keras.callbacks.Callback):
+        callbacks = [callbacks]
+    if not isinstance(callbacks, (list, tuple)) or not all(
+        isinstance(callback, keras.callbacks.Callback) for callback in callbacks
+    ):
+        raise TypeError(
+            "`callbacks` must be None or a list of keras.callbacks.Callback objects; "
+            f"received {callbacks!r}."
+        )
+    return list(callbacks)
 
 
 def fit_variational(problem, prior_variance, initial_mean, initial_logits, records, options):
@@ -112,7 +129,10 @@ def fit_variational(problem, prior_variance, initial_mean, initial_logits, recor
         lambda batch: trainer.step(batch, prior_variance_tensor, seed),
         lambda epoch: problem.state.minibatches(options["batch_size"], options["seed"], epoch),
         options["epochs"], options["verbose"], metric="elbo",
+        callbacks=options["callbacks"], model=problem.model,
     )
+    num_steps = len(elbo_per_epoch) * _optimizers.steps_per_epoch(problem.num_examples,
+                                                                   options["batch_size"])
     family = trainer.family
     final_elbo, standard_error = evaluate_elbo(
         problem, family.frozen_distribution(), family.kl_to_prior(prior_variance),
