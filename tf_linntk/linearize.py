@@ -5,6 +5,7 @@ The wrapper validates input and delegates: products to `autodiff`, kernels to
 """
 
 import inspect
+import json
 import logging
 
 import keras
@@ -491,29 +492,45 @@ class LinearizedModel(keras.Model):
             _logger.info("Saved the serving artifact at %s.", filepath)
 
     def save_own_variables(self, store):
-        """Save θ₀, the fixed state and the posterior arrays (Keras saving hook)."""
+        """Save θ₀, the fixed state and the posterior (Keras saving hook).
+
+        The posterior's configuration goes into the store as JSON bytes too, so
+        `save_weights` files restore the posterior without the model config.
+        """
         for index, variable in enumerate(self._functional.snapshot_variables):
             store[f"snapshot_{index}"] = variable.numpy()
         if self._posterior is not None:
-            _, arrays = self._posterior.get_state()
+            config, arrays = self._posterior.get_state()
             for name, array in arrays.items():
                 store[f"posterior_{name}"] = np.asarray(array)
+            store[_POSTERIOR_CONFIG_KEY] = np.frombuffer(json.dumps(config).encode(), np.uint8)
 
     def load_own_variables(self, store):
-        """Restore what `save_own_variables` saved (Keras loading hook)."""
+        """Restore what `save_own_variables` saved (Keras loading hook).
+
+        A store without a posterior leaves this model not adapted, as it was saved.
+        """
         snapshots = self._functional.snapshot_variables
         for index, variable in enumerate(snapshots):
             variable.assign(store[f"snapshot_{index}"])
+        keys = list(store.keys())
         posterior_config = getattr(self, "_pending_posterior_config", None)
+        if posterior_config is None and _POSTERIOR_CONFIG_KEY in keys:
+            posterior_config = json.loads(np.asarray(store[_POSTERIOR_CONFIG_KEY]).tobytes())
+        object.__setattr__(self, "_pending_posterior_config", None)
         if posterior_config is None:
+            self._set_posterior(None)
             return
         arrays = {
             key[len("posterior_"):]: np.asarray(store[key])
-            for key in store.keys()
+            for key in keys
             if key.startswith("posterior_")
         }
         self._set_posterior(base.posterior_from_state(posterior_config, arrays))
-        object.__setattr__(self, "_pending_posterior_config", None)
+
+
+# Store key of the posterior configuration (JSON bytes) in saved weights.
+_POSTERIOR_CONFIG_KEY = "config_of_posterior"
 
 
 def _fitter(likelihood):
