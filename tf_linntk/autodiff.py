@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_linntk import _checks
+from tf_linntk import _chunks
 from tf_linntk import _model_checks
 from tf_linntk import _streaming
 from tf_linntk import distribute
@@ -515,68 +516,13 @@ class FunctionalModel:
     # ------------------------------------------------------------------ chunk loops
 
     def _concat_chunks(self, fn, x, chunk_size, trailing_shape):
-        """Concatenate fn(x[start:stop], start, stop) along axis 0 over all chunks.
-
-        `trailing_shape` is the shape of one result row; N = 0 gives zeros
-        [0, *trailing_shape], since an empty TensorArray cannot infer it.
-        """
-        if isinstance(x, _streaming.StreamedInputs):
-            return self._concat_streamed(fn, x, chunk_size, trailing_shape)
-        n = tf.shape(tf.nest.flatten(x)[0])[0]
-        num_chunks = (n + chunk_size - 1) // chunk_size
-
-        def body(i, array):
-            start = i * chunk_size
-            stop = tf.minimum(start + chunk_size, n)
-            xc = tf.nest.map_structure(lambda t: t[start:stop], x)
-            return i + 1, array.write(i, fn(xc, start, stop))
-
-        array = tf.TensorArray(self.dtype, size=num_chunks, infer_shape=False)
-        _, array = tf.while_loop(lambda i, _: i < num_chunks, body, (0, array))
-        empty_shape = tf.concat([[0], trailing_shape], axis=0)
-        return tf.cond(n > 0, array.concat, lambda: tf.zeros(empty_shape, self.dtype))
+        """Concatenate fn(x[start:stop], start, stop) over all chunks (see `_chunks.concat_chunks`)."""
+        return _chunks.concat_chunks(fn, x, chunk_size, trailing_shape, self.dtype)
 
     def _sum_chunks(self, fn, x, zeros, add, chunk_size=None):
-        """Sum fn(x[start:stop], start, stop) (a list of tensors) over all chunks."""
+        """Sum fn(x[start:stop], start, stop) over chunks, by default of `batch_size` examples."""
         chunk_size = chunk_size or self.batch_size
-        if isinstance(x, _streaming.StreamedInputs):
-            return self._sum_streamed(fn, x, zeros, add, chunk_size)
-        n = tf.shape(tf.nest.flatten(x)[0])[0]
-        num_chunks = (n + chunk_size - 1) // chunk_size
-
-        def body(i, totals):
-            start = i * chunk_size
-            stop = tf.minimum(start + chunk_size, n)
-            xc = tf.nest.map_structure(lambda t: t[start:stop], x)
-            parts = fn(xc, start, stop)
-            return i + 1, [add(a, g) for a, g in zip(totals, parts)]
-
-        _, totals = tf.while_loop(lambda i, _: i < num_chunks, body, (0, zeros))
-        return totals
-
-    def _concat_streamed(self, fn, x, chunk_size, trailing_shape):
-        """Concatenate over one pass of streamed inputs, each batch split into chunks."""
-
-        def step(batch, offset, array):
-            part = self._concat_chunks(_offset_chunks(fn, offset), batch, chunk_size, trailing_shape)
-            return array.write(array.size(), part)
-
-        def concat(array):
-            # A replica's shard of streamed inputs may hold no batch at all.
-            empty_shape = tf.concat([[0], trailing_shape], axis=0)
-            return tf.cond(array.size() > 0, array.concat, lambda: tf.zeros(empty_shape, self.dtype))
-
-        array = tf.TensorArray(self.dtype, size=0, dynamic_size=True, infer_shape=False)
-        return _streaming.run_pass(x, step, array, finalize=concat)
-
-    def _sum_streamed(self, fn, x, zeros, add, chunk_size):
-        """Sum over one pass of streamed inputs, each batch split into chunks."""
-
-        def step(batch, offset, totals):
-            parts = self._sum_chunks(_offset_chunks(fn, offset), batch, zeros, add, chunk_size)
-            return [total + part for total, part in zip(totals, parts)]
-
-        return _streaming.run_pass(x, step, list(zeros))
+        return _chunks.sum_chunks(fn, x, zeros, add, chunk_size)
 
     def _infer_output_shapes(self):
         """Return the output structure and per-example output shapes.
@@ -612,11 +558,6 @@ def _snapshot(variable):
     """Copy a Keras variable's value into a new non-trainable tf.Variable."""
     value = tf.identity(tf.convert_to_tensor(variable.value))
     return tf.Variable(value, trainable=False, name=variable.name.replace("/", "_") + "_snapshot")
-
-
-def _offset_chunks(fn, offset):
-    """Return fn with chunk bounds shifted from batch positions to dataset positions."""
-    return lambda xc, start, stop: fn(xc, start + offset, stop + offset)
 
 
 def _add_gradient(total, gradient):
