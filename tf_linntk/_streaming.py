@@ -154,22 +154,18 @@ def run_pass(inputs, step, state, finalize=None):
     iterator = iter(inputs.dataset)
     zero = tf.constant(0.0, tf.float64)
 
-    def body(done, offset, fingerprint, state):
-        element = iterator.get_next_as_optional()
+    # The next element is a loop variable, so the loop condition tests it and
+    # the body needs no tf.cond around the step.
+    def body(element, offset, fingerprint, state):
+        batch = element.get_value()
+        state = step(batch, offset, state)
+        part, _ = _fingerprint(batch, offset)
+        return iterator.get_next_as_optional(), offset + _batch_size(batch), fingerprint + part, state
 
-        def read():
-            batch = element.get_value()
-            new_state = step(batch, offset, state)
-            part, _ = _fingerprint(batch, offset)
-            return tf.constant(False), offset + _batch_size(batch), fingerprint + part, new_state
-
-        def finish():
-            return tf.constant(True), offset, fingerprint, state
-
-        return tf.cond(element.has_value(), read, finish)
-
-    loop_vars = (tf.constant(False), tf.constant(0, tf.int32), zero, state)
-    _, count, fingerprint, state = tf.while_loop(lambda done, *_: ~done, body, loop_vars)
+    loop_vars = (iterator.get_next_as_optional(), tf.constant(0, tf.int32), zero, state)
+    _, count, fingerprint, state = tf.while_loop(
+        lambda element, *_: element.has_value(), body, loop_vars
+    )
 
     # The pass must repeat the first one, or the products mix different data.
     same_count = tf.equal(count, inputs.num_examples)
