@@ -72,6 +72,12 @@ def products(lin, x, y, v, u, rhs):
     lin.adapt(dataset, noise_variance=0.1, space="function", preconditioner="none", tol=1e-12,
               seed=0)
     values["streamed_adapt_function_mean"] = lin.predictive_distribution(x[:5]).mean()
+    # Keras predict runs each replica's share of the batch inside the strategy.
+    values["keras_predict"] = lin.predict(x, batch_size=4, verbose=0)
+    # A reshuffling dataset must fail on every replica's shard as on one device;
+    # the value is 0 when it raised.
+    reshuffled = tf.data.Dataset.from_tensor_slices(x).shuffle(9, seed=2).batch(2)
+    values["streamed_reshuffle_error"] = _raises_pass_error(lambda: lin.jvp(reshuffled, v))
     for space in ("function", "parameter"):
         lin.adapt(x, y, noise_variance=0.1, space=space, preconditioner="none", tol=1e-12)
         distribution = lin.predictive_distribution(x[:5])
@@ -83,6 +89,16 @@ def products(lin, x, y, v, u, rhs):
     )
     values["adapt_parameter_finite_difference_mean"] = lin.predictive_distribution(x[:5]).mean()
     return values
+
+
+def _raises_pass_error(call):
+    """Return 0.0 if `call` raises the changed-dataset ValueError within 5 calls, else 1.0."""
+    try:
+        for _ in range(5):
+            call()
+    except ValueError as error:
+        return 0.0 if "different examples on this pass" in str(error) else 1.0
+    return 1.0
 
 
 def fisher_products(lin, x, likelihood, outputs, rhs):
@@ -136,8 +152,11 @@ def compare_products(strategy):
     with strategy.scope():
         sharded = tf_linntk.LinearizedModel(model, batch_size=4)
         got = products(sharded, x, y, v, u, rhs)
+    # An "_error" entry is 0 when the sharded call raised as it should, so it
+    # reports the sharded value itself rather than a difference.
     differences = {
-        name: np.max(np.abs(np.asarray(got[name]) - np.asarray(value)))
+        name: got[name] if name.endswith("_error")
+        else np.max(np.abs(np.asarray(got[name]) - np.asarray(value)))
         for name, value in expected.items()
     }
     return differences, sharded.functional.is_sharded

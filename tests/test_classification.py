@@ -540,7 +540,7 @@ def test_fit_rejects_non_binary_bernoulli_labels(bernoulli_toy):
         ({"variance_rank": 1.5}, TypeError, r"`variance_rank`"),
         ({"tol": -1e-3}, ValueError, r"`tol`"),
         ({"seed": -1}, ValueError, r"`seed`"),
-        ({"verbose": 2}, ValueError, r"`verbose` must be 0 or 1"),
+        ({"verbose": 2}, ValueError, r"`verbose` must be 0 \(silent\) or 1"),
         ({"on_nonconvergence": "stop"}, ValueError, r"`on_nonconvergence`"),
         ({"noise_variance": 0.1}, TypeError, r"unknown option\(s\) \['noise_variance'\]"),
     ],

@@ -77,7 +77,8 @@ _INVALID_CASES = [
     ("variance_rank_negative", dict(variance_rank=-1), ValueError,
      r"`variance_rank` must be a positive integer"),
     ("seed_negative", dict(seed=-1), ValueError, r"`seed` must be in \[0, 2\*\*31\)"),
-    ("verbose_two", dict(verbose=2), ValueError, r"`verbose` must be 0 or 1; received 2"),
+    ("verbose_two", dict(verbose=2), ValueError,
+     r"`verbose` must be 0 \(silent\) or 1 \(progress bar\); received 2"),
     ("unknown_keyword", dict(noise=0.1), TypeError, r"`adapt` got unknown option\(s\) \['noise'\]"),
 ]
 

@@ -93,6 +93,22 @@ def test_save_load_unadapted_model(tmp_path):
         loaded.predictive_distribution(x_test)
 
 
+def test_loaded_exact_posterior_uses_saved_root(tmp_path):
+    """A posterior adapted with variance='exact' reloads with its Lanczos root as default."""
+    model, x, y, x_test = _regression_setup()
+    lin = tf_linntk.LinearizedModel(model)
+    lin.adapt(x, y, noise_variance=[0.1, 0.3], prior_variance=0.5, variance="exact", seed=1)
+    lin.save(tmp_path / "exact.keras")
+
+    loaded = keras.models.load_model(tmp_path / "exact.keras")
+
+    exact = lin.predictive_distribution(x_test).variance().numpy()
+    restored = loaded.predictive_distribution(x_test).variance().numpy()
+    np.testing.assert_allclose(restored, exact, rtol=1e-4)
+    with pytest.raises(ValueError, match="`variance`='exact' needs the training data"):
+        loaded.predictive_distribution(x_test, variance="exact")
+
+
 def test_save_weights_restores_posterior(tmp_path):
     """save_weights/load_weights carry the posterior, and a file without one clears it."""
     model, x, y, x_test = _regression_setup()

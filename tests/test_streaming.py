@@ -8,6 +8,7 @@ splits them into several chunks.
 
 import functools
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -45,14 +46,17 @@ def _wrap(model, batch_size=4):
 class _CountingDataset:
     """A dataset read from a Python generator that counts its passes.
 
-    `change_on_pass` makes that pass (1-based) yield one example fewer, and
-    `permute_on_pass` makes it yield the examples in reverse order.
+    `change_on_pass` makes that pass (1-based) yield one example fewer,
+    `permute_on_pass` makes it yield the examples in reverse order, and
+    `flip_on_pass` reverses the features within each example.
     """
 
-    def __init__(self, x, y, batch=5, change_on_pass=None, permute_on_pass=None):
+    def __init__(self, x, y, batch=5, change_on_pass=None, permute_on_pass=None,
+                 flip_on_pass=None):
         self.passes = 0
         self._x, self._y, self._batch = x, y, batch
         self._change_on_pass, self._permute_on_pass = change_on_pass, permute_on_pass
+        self._flip_on_pass = flip_on_pass
         signature = (
             tf.TensorSpec([None, x.shape[1]], tf.float64),
             tf.TensorSpec([None, y.shape[1]], tf.float64),
@@ -66,6 +70,8 @@ class _CountingDataset:
             x, y = x[:-1], y[:-1]
         if self.passes == self._permute_on_pass:
             x, y = x[::-1], y[::-1]
+        if self.passes == self._flip_on_pass:
+            x = x[:, ::-1]
         for start in range(0, len(x), self._batch):
             yield x[start:start + self._batch], y[start:start + self._batch]
 
@@ -163,15 +169,19 @@ def test_float32_dataset_is_cast_to_model_dtype(zoo):
 
 
 def test_products_reuse_traces_across_datasets(zoo):
-    """A second dataset with the same element structure reuses the compiled products."""
+    """New datasets with the same element structure reuse the compiled products.
+
+    A second batch count relaxes the trace once (reduce_retracing); later counts reuse it.
+    """
     case = zoo.case("mlp")
     lin = zoo.lin("mlp", batch_size=3)
     tangents = np.ones(lin.num_parameters)
     lin.jvp(_input_dataset(case.x), tangents)
+    lin.jvp(_input_dataset(np.concatenate([case.x, case.x])), tangents)
     traces = lin.functional._jvp_fn.experimental_get_tracing_count()
 
     lin.jvp(_input_dataset(case.x[::-1]), tangents)
-    lin.jvp(_input_dataset(np.concatenate([case.x, case.x])), tangents)
+    lin.jvp(_input_dataset(np.concatenate([case.x] * 3)), tangents)
     assert lin.functional._jvp_fn.experimental_get_tracing_count() == traces
 
 
@@ -287,6 +297,15 @@ def test_reordered_examples_raise():
                            space="function", **_TIGHT)
 
 
+def test_features_moved_within_examples_raise():
+    """A pass that permutes entries inside each example (like a random flip) raises."""
+    model, x, y, _ = _regression_setup()
+    counting = _CountingDataset(x, y, flip_on_pass=3)
+    with pytest.raises(ValueError, match="different examples on this pass"):
+        _wrap(model).adapt(counting.dataset, noise_variance=0.1, prior_variance=2.0,
+                           space="function", **_TIGHT)
+
+
 def test_reshuffling_dataset_raises_and_fixed_shuffle_works():
     """shuffle() reshuffles each pass and raises; a fixed shuffle streams normally."""
     model, x, y, _ = _regression_setup()
@@ -313,6 +332,56 @@ def test_operator_product_on_changed_dataset_raises(zoo):
     counting = _CountingDataset(x, y, change_on_pass=2)
     with pytest.raises(ValueError, match="different examples on this pass"):
         lin.jvp(counting.dataset, np.ones(lin.num_parameters))
+
+
+def test_operators_raise_value_error_on_changed_dataset(zoo):
+    """NTK and Fisher operators on a reshuffling dataset raise ValueError, not a TF error."""
+    case = zoo.case("mlp")
+    lin = zoo.lin("mlp", batch_size=3)
+    reshuffled = tf.data.Dataset.from_tensor_slices(case.x).shuffle(4, seed=1).batch(2)
+    rows = lin.num_outputs * len(case.x)
+
+    with pytest.raises(ValueError, match="different examples on this pass"):
+        for _ in range(5):
+            lin.ntk(reshuffled).matmul(np.ones((rows, 2)))
+    with pytest.raises(ValueError, match="different examples on this pass"):
+        for _ in range(5):
+            lin.fisher(reshuffled, "gaussian").matvec(np.ones(lin.num_parameters))
+
+
+def test_padded_batches_keep_their_batches():
+    """Variable-length padded batches stream batch by batch, as each batch in memory."""
+    with reference.keras_float_dtype("float64"):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((None,), dtype="int32"),
+            keras.layers.Embedding(11, 3),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ])
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(0, 11, size=length) for length in (2, 5, 3, 7, 4, 6, 2)]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(sequences), output_signature=tf.TensorSpec([None], tf.int32)
+    ).padded_batch(3)
+    lin = _wrap(model, batch_size=256)
+    tangents = rng.normal(size=lin.num_parameters)
+
+    expected = np.concatenate([lin.jvp(batch.numpy(), tangents) for batch in dataset])
+    np.testing.assert_allclose(lin.jvp(dataset, tangents), expected, rtol=_RTOL, atol=1e-13)
+
+
+def test_dataset_inside_tf_function_raises():
+    """A dataset built inside a tf.function raises a ValueError that says why."""
+    model, x, _, _ = _regression_setup()
+    lin = _wrap(model)
+
+    @tf.function
+    def jvp(tangents):
+        return lin.jvp(tf.data.Dataset.from_tensor_slices(x).batch(4), tangents)
+
+    with pytest.raises(ValueError, match="inside a tf.function"):
+        jvp(tf.ones([lin.num_parameters], tf.float64))
 
 
 # ---------------------------------------------------------------------- invalid datasets
@@ -350,6 +419,22 @@ def test_adapt_rejects_invalid_dataset(dataset, y, error, pattern):
     model = reference.tanh_mlp()
     with pytest.raises(error, match=pattern):
         _wrap(model).adapt(dataset, y, noise_variance=0.1)
+
+
+def test_batch_streams_other_than_datasets_raise():
+    """A Python generator as x raises a TypeError that names tf.data.Dataset.from_generator."""
+    model, x, y, _ = _regression_setup()
+    lin = _wrap(model)
+    batches = (x[i:i + 5] for i in range(0, len(x), 5))
+    with pytest.raises(TypeError, match="received a generator.*from_generator"):
+        lin.jvp(batches, np.ones(lin.num_parameters))
+
+
+def test_dict_targets_raise():
+    """Targets given as a dict raise a TypeError naming `y`."""
+    model, x, y, _ = _regression_setup()
+    with pytest.raises(TypeError, match="`y` must be a numeric tensor .*dict with keys"):
+        _wrap(model).adapt(x, {"t": y}, noise_variance=0.1)
 
 
 def test_predictive_distribution_rejects_dataset():

@@ -1,6 +1,7 @@
 """Validation of wrapped Keras models and of the inputs passed to them."""
 
 import dataclasses
+import inspect
 
 import keras
 import numpy as np
@@ -166,6 +167,13 @@ def convert_inputs(x, specs, compute_dtype, name="x"):
             f"`{name}` must be an array, tensor or a tuple/list/dict of them here; "
             "received a tf.data.Dataset."
         )
+    if _is_batch_stream(x):
+        raise TypeError(
+            f"`{name}` must be an array, tensor, a tuple/list/dict of them, or a "
+            f"tf.data.Dataset; received a {type(x).__name__}. Wrap a generator with "
+            "`tf.data.Dataset.from_generator` (and a keras.utils.PyDataset with "
+            "`from_generator` over its batches)."
+        )
     if specs is None:
         return tf.nest.map_structure(lambda t: _convert_leaf(t, None, compute_dtype, name), x)
     _check_structure(x, specs, name)
@@ -175,6 +183,13 @@ def convert_inputs(x, specs, compute_dtype, name="x"):
     )
     _check_batch_sizes(converted, name)
     return converted
+
+
+def _is_batch_stream(x):
+    """Return whether `x` yields batches instead of holding examples (generator, PyDataset)."""
+    if inspect.isgenerator(x) or isinstance(x, keras.utils.PyDataset):
+        return True
+    return isinstance(x, tf.distribute.DistributedDataset)
 
 
 def _check_precision(model):

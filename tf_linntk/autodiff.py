@@ -185,7 +185,7 @@ class FunctionalModel:
 
     def outputs(self, x):
         """Return f(θ₀, x) → [N, O], streamed over chunks."""
-        if self._sharded is not None:
+        if self._shards_now():
             return self._sharded.outputs(x)
         return self._single_device_outputs(x)
 
@@ -193,7 +193,7 @@ class FunctionalModel:
         """Return J(x) v → [N, O] for a flat tangent vector v [P] (one forward-mode pass)."""
         # A tf.Variable argument would stay captured in the trace; pass its value.
         tangents = tf.convert_to_tensor(tangents)
-        if self._sharded is not None:
+        if self._shards_now():
             return self._sharded.jvp(x, tangents)
         return self._single_device_jvp(x, tangents)
 
@@ -207,7 +207,7 @@ class FunctionalModel:
         """
         # A tf.Variable argument would stay captured in the trace; pass its value.
         tangents = tf.convert_to_tensor(tangents)
-        if self._sharded is not None:
+        if self._shards_now():
             return self._sharded.jvp_batched(x, tangents)
         return self._single_device_jvp_batched(x, tangents)
 
@@ -215,7 +215,7 @@ class FunctionalModel:
         """Return J(x)ᵀ u → [P] for cotangents u [N, O] (one reverse-mode pass)."""
         # A tf.Variable argument would stay captured in the trace; pass its value.
         cotangents = tf.convert_to_tensor(cotangents)
-        if self._sharded is not None:
+        if self._shards_now():
             return self._sharded.vjp(x, cotangents)
         return self._single_device_vjp(x, cotangents)
 
@@ -223,13 +223,13 @@ class FunctionalModel:
         """Return J(x)ᵀ U → [R, P] for cotangents [R, N, O] (see `jvp_batched` for the method)."""
         # A tf.Variable argument would stay captured in the trace; pass its value.
         cotangents = tf.convert_to_tensor(cotangents)
-        if self._sharded is not None:
+        if self._shards_now():
             return self._sharded.vjp_batched(x, cotangents)
         return self._single_device_vjp_batched(x, cotangents)
 
     def jacobian_sq_norms(self, x):
         """Return ‖J(x)[n, o, :]‖² → [N, O], the exact diagonal of J Jᵀ."""
-        if self._sharded is not None:
+        if self._shards_now():
             return self._sharded.jacobian_sq_norms(x)
         return self._single_device_jacobian_sq_norms(x)
 
@@ -237,6 +237,11 @@ class FunctionalModel:
     def is_sharded(self):
         """Whether products are sharded over the replicas of a tf.distribute strategy."""
         return self._sharded is not None
+
+    def _shards_now(self):
+        # Inside a replica of the strategy (e.g. Keras `predict` under MirroredStrategy)
+        # the caller has already split the batch, so each replica runs its products alone.
+        return self._sharded is not None and not distribute.in_replica_context()
 
     def shared_seed(self):
         """Return a random int seed equal on all replicas when sharded, else None."""
@@ -276,7 +281,7 @@ class FunctionalModel:
         Jᵀ u needs every chunk before J w can start, so the product is a VJP
         followed by a forward-mode JVP, each with its own forward pass.
         """
-        if self._sharded is not None:
+        if self._shards_now():
             return self.jvp(x, self.vjp(x, cotangents))
         if self._fits_one_chunk(x):
             return self._ntk_fused_fn(x, cotangents)
@@ -289,7 +294,7 @@ class FunctionalModel:
         per-chunk Jacobians, formed once when all N examples fit in one Jacobian
         chunk and twice otherwise.
         """
-        if self._sharded is not None:
+        if self._shards_now():
             return self.jvp_batched(x, self.vjp_batched(x, cotangents))
         if self._use_jacobian_products(cotangents):
             n = self.num_examples(x)

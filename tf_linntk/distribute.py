@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tf_linntk import _streaming
 
-__all__ = ["ShardedProducts", "active_strategy"]
+__all__ = ["ShardedProducts", "active_strategy", "in_replica_context"]
 
 
 def active_strategy():
@@ -30,6 +30,11 @@ def active_strategy():
         return None
     strategy = tf.distribute.get_strategy()
     return strategy if strategy.num_replicas_in_sync > 1 else None
+
+
+def in_replica_context():
+    """Return whether the caller runs inside one replica of a `tf.distribute` strategy."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
 
 
 class ShardedProducts:
@@ -113,7 +118,7 @@ class ShardedProducts:
             context = tf.distribute.get_replica_context()
             if isinstance(x, _streaming.StreamedInputs):
                 # Whole batches, which the single-device pass splits into the same chunks.
-                x_shard, start, stop, _ = _shard(x, context, self.functional.batch_size)
+                x_shard, start, stop = _shard(x, context)
             else:
                 start, stop = _chunk_aligned_bounds(context, _num_examples(x), chunk_size)
                 x_shard = tf.nest.map_structure(lambda t: t[start:stop], x)
@@ -178,13 +183,16 @@ class ShardedProducts:
     def _gather(self, x, shard_fn, axis, rank):
         """Concatenate shard_fn's rank-`rank` results over the shards along `axis`."""
         n = _num_examples(x)
+        num_replicas = self.strategy.num_replicas_in_sync
+        starts, stops = _shard_plan(x, num_replicas)[:2]
+        shard_size = tf.reduce_max(stops - starts)
 
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            x_shard, start, stop, shard_size = _shard(x, context, self.functional.batch_size)
+            x_shard, start, stop = _shard(x, context)
             result = shard_fn(x_shard, start, stop)
             # Pad every shard to the same length so all_gather can stack them;
-            # padding only ever follows the last real example.
+            # padding only ever follows a shard's last real example.
             padding = [[0, 0]] * rank
             padding[axis] = [0, shard_size - (stop - start)]
             result = tf.pad(result, padding)
@@ -192,14 +200,18 @@ class ShardedProducts:
 
         gathered = self.strategy.run(replica_fn)
         result = self.strategy.experimental_local_results(gathered)[0]
-        return tf.gather(result, tf.range(n), axis=axis)
+        # Example e sits in the first shard whose stop exceeds e, after its padded predecessors.
+        examples = tf.range(n)
+        replica = tf.searchsorted(stops, examples, side="right")
+        rows = replica * shard_size + examples - tf.gather(starts, replica)
+        return tf.gather(result, rows, axis=axis)
 
     def _reduce(self, x, shard_fn):
         """Sum shard_fn over the replicas' shards."""
 
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            x_shard, start, stop, _ = _shard(x, context, self.functional.batch_size)
+            x_shard, start, stop = _shard(x, context)
             return context.all_reduce(tf.distribute.ReduceOp.SUM, shard_fn(x_shard, start, stop))
 
         reduced = self.strategy.run(replica_fn)
@@ -209,24 +221,40 @@ class ShardedProducts:
 def _num_examples(x):
     if isinstance(x, _streaming.StreamedInputs):
         return x.num_examples
-    return tf.shape(tf.nest.flatten(x)[0])[0]
+    return tf.shape(tf.nest.flatten(x)[0], out_type=tf.int32)[0]
 
 
-def _shard(x, context, batch_size):
-    """Return (x_shard, start, stop, shard_size) of this replica's contiguous shard of x.
+def _shard_plan(x, num_replicas):
+    """Return int32 (starts [R], stops [R], first_batches [R], stop_batches [R]) of all shards.
 
-    Streamed inputs are split in whole batches of `batch_size`, so each replica
-    reads its own batches (and skips over the ones before them).
+    Inputs in memory split into R contiguous shards of ⌈N/R⌉ examples (the
+    batch entries are None). Streamed inputs split into R contiguous runs of
+    ⌈B/R⌉ whole batches, so each replica reads its own batches (and skips over
+    the ones before them).
     """
+    replicas = tf.range(num_replicas, dtype=tf.int32)
     if not isinstance(x, _streaming.StreamedInputs):
-        start, stop, shard_size = _shard_bounds(context, _num_examples(x))
-        return tf.nest.map_structure(lambda t: t[start:stop], x), start, stop, shard_size
-    n = x.num_examples
-    num_batches = (n + batch_size - 1) // batch_size
-    first, last, batches_per_shard = _shard_bounds(context, num_batches)
-    start = tf.minimum(first * batch_size, n)
-    stop = tf.minimum(last * batch_size, n)
-    return x.shard(first, last - first, stop - start), start, stop, batches_per_shard * batch_size
+        n = _num_examples(x)
+        shard_size = (n + num_replicas - 1) // num_replicas
+        starts = tf.minimum(replicas * shard_size, n)
+        return starts, tf.minimum(starts + shard_size, n), None, None
+    num_batches = x.num_batches()
+    batches_per_shard = (num_batches + num_replicas - 1) // num_replicas
+    first_batches = tf.minimum(replicas * batches_per_shard, num_batches)
+    stop_batches = tf.minimum(first_batches + batches_per_shard, num_batches)
+    starts = tf.gather(x.boundaries, first_batches)
+    stops = tf.gather(x.boundaries, stop_batches)
+    return starts, stops, first_batches, stop_batches
+
+
+def _shard(x, context):
+    """Return (x_shard, start, stop) of this replica's contiguous shard of x."""
+    starts, stops, first_batches, stop_batches = _shard_plan(x, context.num_replicas_in_sync)
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    start, stop = starts[replica], stops[replica]
+    if first_batches is None:
+        return tf.nest.map_structure(lambda t: t[start:stop], x), start, stop
+    return x.shard(first_batches[replica], stop_batches[replica]), start, stop
 
 
 def _shard_bounds(context, n):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tf_linntk import _checks
 from tf_linntk import _fisher_inputs
+from tf_linntk import _streaming
 from tf_linntk import likelihoods
 
 __all__ = ["METHODS", "FisherOperator", "default_epsilon", "fisher_operator"]
@@ -189,6 +190,7 @@ class FisherOperator(tf.linalg.LinearOperator):
             tensor, the likelihood does not fit O, or N is not static.
     """
 
+    @_streaming.translates_pass_errors
     def __init__(
         self, lin, x, likelihood="gaussian", method="ggn", epsilon=None, outputs=None,
         name="FisherOperator",
@@ -258,6 +260,7 @@ class FisherOperator(tf.linalg.LinearOperator):
     def _shape_tensor(self):
         return tf.constant([self._functional.num_parameters] * 2, dtype=tf.int32)
 
+    @_streaming.translates_pass_errors
     def _matvec(self, x, adjoint=False):
         del adjoint  # F is symmetric.
         if x.shape.rank != 1:
@@ -265,6 +268,7 @@ class FisherOperator(tf.linalg.LinearOperator):
         _checks.check_finite("x", x)
         return self._products.single(*self._arguments(), x)  # [P]
 
+    @_streaming.translates_pass_errors
     def _matmul(self, x, adjoint=False, adjoint_arg=False):
         del adjoint  # F is symmetric.
         if adjoint_arg:
@@ -277,9 +281,11 @@ class FisherOperator(tf.linalg.LinearOperator):
             products = self._products.batched(*self._arguments(), rows)  # [R, P]
         return restore(products)  # [..., P, R]
 
+    @_streaming.translates_pass_errors
     def _diag_part(self):
         return self._products.diag(*self._arguments())  # [P]
 
+    @_streaming.translates_pass_errors
     def _to_dense(self):
         size = self._functional.num_parameters
         self._check_dense_size(

@@ -76,6 +76,7 @@ class NTKOperator(tf.linalg.LinearOperator):
     def _shape_tensor(self):
         return tf.constant([self._num_rows, self._num_cols], dtype=tf.int32)
 
+    @_streaming.translates_pass_errors
     def _matmul(self, x, adjoint=False, adjoint_arg=False):
         if adjoint_arg:
             x = tf.linalg.adjoint(x)
@@ -85,11 +86,13 @@ class NTKOperator(tf.linalg.LinearOperator):
         )
         return _ntk_matmul(self._functional, rows_x, cols_x, x)
 
+    @_streaming.translates_pass_errors
     def _diag_part(self):
         if not self._symmetric:
             return super()._diag_part()
         return tf.reshape(self._functional.jacobian_sq_norms(self._x1), [-1])  # [N·O]
 
+    @_streaming.translates_pass_errors
     def _to_dense(self):
         if self._check_dense_size is not None:
             rows = max(self._num_rows, self._num_cols)
@@ -104,6 +107,7 @@ class NTKOperator(tf.linalg.LinearOperator):
         j2 = j1 if self._symmetric else self._jacobian_rows(self._x2)  # [N2·O, P]
         return tf.matmul(j1, j2, transpose_b=True)  # [N1·O, N2·O]
 
+    @_streaming.translates_pass_errors
     def row(self, index):
         """Return row `index` of K as a vector [N2·O] (one JVP and one VJP)."""
         num_outputs = self._functional.num_outputs

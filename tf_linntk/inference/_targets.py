@@ -22,6 +22,11 @@ def convert_targets(y, num_examples, num_outputs, name="y"):
             f"`{name}` is required for regression; received None. Pass targets [N, O] "
             "or a tf.data.Dataset of (x, y) pairs as `x`."
         )
+    if isinstance(y, dict):
+        raise TypeError(
+            f"`{name}` must be a numeric tensor [N, O]; received a dict with keys "
+            f"{sorted(y)}. Concatenate the targets of several outputs into [N, O]."
+        )
     y = tf.convert_to_tensor(y)
     if not (y.dtype.is_floating or y.dtype.is_integer):
         raise TypeError(

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_linntk import _checks
+from tf_linntk import _progress
 from tf_linntk import _streaming
 from tf_linntk import likelihoods
 from tf_linntk.inference import _glm
@@ -333,8 +334,9 @@ class _EvidenceSearch:
 
     def __init__(self, problem, options):
         self.problem = problem
-        # MAP fits inside the search stay silent; the final fit at the chosen s² reports.
-        self.options = {**options, "on_nonconvergence": "ignore"}
+        # MAP fits inside the search stay silent (no warnings, no progress bars);
+        # the final fit at the chosen s² reports.
+        self.options = {**options, "on_nonconvergence": "ignore", "verbose": 0}
         self.evaluations = {}
         self.best_weights = None
         self._weights = None
@@ -452,6 +454,4 @@ def _resolve_seed(seed):
 
 
 def _check_verbose(verbose):
-    if isinstance(verbose, bool) or verbose not in (0, 1):
-        raise ValueError(f"`verbose` must be 0 or 1; received {verbose!r}.")
-    return verbose
+    return _progress.check_verbose(verbose)

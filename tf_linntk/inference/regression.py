@@ -21,6 +21,7 @@ import logging
 import tensorflow as tf
 
 from tf_linntk import _checks
+from tf_linntk import _progress
 from tf_linntk import _streaming
 from tf_linntk import likelihoods
 from tf_linntk.inference import _regression_systems as systems
@@ -231,7 +232,5 @@ def _log_level(options):
 
 
 def _check_verbose(verbose):
-    if isinstance(verbose, bool) or verbose not in (0, 1):
-        raise ValueError(f"`verbose` must be 0 or 1; received {verbose!r}.")
-    return verbose
+    return _progress.check_verbose(verbose)
 

@@ -108,7 +108,8 @@ class RegressionPosterior(base.Posterior):
         variance_method = config["variance_method"]
         if variance_method == "exact":
             # The training data was not saved, so exact variances are unavailable.
-            variance_method = "none"
+            # `adapt` also built a Lanczos root in that case, which is saved.
+            variance_method = "lanczos"
         return cls(
             likelihood=likelihoods.Gaussian(noise_variance=arrays["noise_variance"]),
             weights=arrays["weights"],
