@@ -2,7 +2,7 @@
 
 A product over streamed inputs (JVP, VJP, Fisher product, ...) is one pass over
 the dataset. A `tf.while_loop` pulls batches from an iterator and runs the
-product's chunk body on each. Memory then holds one batch of inputs, so the
+product's chunk body on each. Memory then contains one batch of inputs, so the
 number of examples is bounded by the dataset's storage. Every pass recounts the examples and
 recomputes a fingerprint of the inputs in order, and a pass that differs from
 the first one (another count, reshuffled or randomly augmented examples) fails.
