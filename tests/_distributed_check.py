@@ -78,6 +78,10 @@ def products(lin, x, y, v, u, rhs):
     # the value is 0 when it raised.
     reshuffled = tf.data.Dataset.from_tensor_slices(x).shuffle(9, seed=2).batch(2)
     values["streamed_reshuffle_error"] = _raises_pass_error(lambda: lin.jvp(reshuffled, v))
+    # An NTK product may see another replica's failed check as a cancelled collective.
+    values["streamed_reshuffle_ntk_error"] = _raises_pass_error(
+        lambda: lin.ntk(reshuffled).matvec(np.ones(18))
+    )
     for space in ("function", "parameter"):
         lin.adapt(x, y, noise_variance=0.1, space=space, preconditioner="none", tol=1e-12)
         distribution = lin.predictive_distribution(x[:5])

@@ -32,6 +32,7 @@ _CHECKED = [
     "streamed_adapt_function_mean",
     "keras_predict",
     "streamed_reshuffle_error",
+    "streamed_reshuffle_ntk_error",
 ]
 # The cases of `FISHER_CASES` in tests/_distributed_check.py.
 _FISHER_CASES = ["gaussian_n13", "categorical_n13", "bernoulli_n13", "categorical_n1"]

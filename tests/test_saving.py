@@ -93,8 +93,8 @@ def test_save_load_unadapted_model(tmp_path):
         loaded.predictive_distribution(x_test)
 
 
-def test_loaded_exact_posterior_uses_saved_root(tmp_path):
-    """A posterior adapted with variance='exact' reloads with its Lanczos root as default."""
+def test_loaded_exact_posterior_needs_explicit_lanczos(tmp_path):
+    """A reloaded variance='exact' posterior gives variances from its root only on request."""
     model, x, y, x_test = _regression_setup()
     lin = tf_linntk.LinearizedModel(model)
     lin.adapt(x, y, noise_variance=[0.1, 0.3], prior_variance=0.5, variance="exact", seed=1)
@@ -103,8 +103,10 @@ def test_loaded_exact_posterior_uses_saved_root(tmp_path):
     loaded = keras.models.load_model(tmp_path / "exact.keras")
 
     exact = lin.predictive_distribution(x_test).variance().numpy()
-    restored = loaded.predictive_distribution(x_test).variance().numpy()
+    restored = loaded.predictive_distribution(x_test, variance="lanczos").variance().numpy()
     np.testing.assert_allclose(restored, exact, rtol=1e-4)
+    with pytest.raises(ValueError, match="adapted with variance='exact'.*variance='lanczos'"):
+        loaded.predictive_distribution(x_test)
     with pytest.raises(ValueError, match="`variance`='exact' needs the training data"):
         loaded.predictive_distribution(x_test, variance="exact")
 

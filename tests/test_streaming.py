@@ -369,6 +369,8 @@ def test_padded_batches_keep_their_batches():
 
     expected = np.concatenate([lin.jvp(batch.numpy(), tangents) for batch in dataset])
     np.testing.assert_allclose(lin.jvp(dataset, tangents), expected, rtol=_RTOL, atol=1e-13)
+    first_batch = next(iter(dataset)).numpy()
+    assert lin.predict(first_batch, verbose=0).shape == (3, 2)
 
 
 def test_dataset_inside_tf_function_raises():
@@ -431,10 +433,20 @@ def test_batch_streams_other_than_datasets_raise():
 
 
 def test_dict_targets_raise():
-    """Targets given as a dict raise a TypeError naming `y`."""
+    """Targets or labels given as a dict raise a TypeError naming `y`."""
     model, x, y, _ = _regression_setup()
     with pytest.raises(TypeError, match="`y` must be a numeric tensor .*dict with keys"):
         _wrap(model).adapt(x, {"t": y}, noise_variance=0.1)
+    with pytest.raises(TypeError, match="`y` must be an array or tensor of labels"):
+        _wrap(model).adapt(x, {"t": np.zeros(len(x), "int64")}, likelihood="categorical")
+
+
+def test_iterator_inputs_raise():
+    """An iterator of batches as x raises a TypeError that names from_generator."""
+    model, x, _, _ = _regression_setup()
+    lin = _wrap(model)
+    with pytest.raises(TypeError, match="received a list_iterator.*from_generator"):
+        lin.jvp(iter([x[:5], x[5:]]), np.ones(lin.num_parameters))
 
 
 def test_predictive_distribution_rejects_dataset():

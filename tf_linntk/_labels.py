@@ -1,6 +1,9 @@
 """Validation and conversion of targets and labels for the likelihoods (NumPy, eager)."""
 
+import collections.abc
+
 import numpy as np
+import tensorflow as tf
 
 
 def check_noise_variance(noise_variance):
@@ -97,6 +100,12 @@ def check_binary_labels(arg_name, labels):
 
 def labels_to_numpy(arg_name, y):
     """Convert labels to a NumPy array of rank >= 1 with at least one example."""
+    if isinstance(y, (dict, tf.data.Dataset, collections.abc.Iterator)):
+        raise TypeError(
+            f"`{arg_name}` must be an array or tensor of labels; received a "
+            f"{type(y).__name__}. Pass one label array [N] or [N, O], or a "
+            "tf.data.Dataset of (x, y) pairs as `x`."
+        )
     labels = np.asarray(y)
     if labels.ndim == 0 or labels.shape[0] == 0:
         raise ValueError(

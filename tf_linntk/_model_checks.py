@@ -1,7 +1,7 @@
 """Validation of wrapped Keras models and of the inputs passed to them."""
 
+import collections.abc
 import dataclasses
-import inspect
 
 import keras
 import numpy as np
@@ -143,6 +143,10 @@ def symbolic_outputs(model):
     """
     outputs = getattr(model, "_outputs_struct", None)
     if outputs is None:
+        # A built Sequential keeps its single output tensor in the Functional it wraps;
+        # its `outputs` is a list, which would make predictions a list of one tensor.
+        outputs = getattr(getattr(model, "_functional", None), "_outputs_struct", None)
+    if outputs is None:
         outputs = getattr(model, "outputs", None)
     leaves = keras.tree.flatten(outputs) if outputs is not None else []
     if not leaves or any(d is None for t in leaves for d in t.shape[1:]):
@@ -170,9 +174,9 @@ def convert_inputs(x, specs, compute_dtype, name="x"):
     if _is_batch_stream(x):
         raise TypeError(
             f"`{name}` must be an array, tensor, a tuple/list/dict of them, or a "
-            f"tf.data.Dataset; received a {type(x).__name__}. Wrap a generator with "
-            "`tf.data.Dataset.from_generator` (and a keras.utils.PyDataset with "
-            "`from_generator` over its batches)."
+            f"tf.data.Dataset; received a {type(x).__name__}. Wrap a generator or "
+            "iterator of batches (or a keras.utils.PyDataset's batches) with "
+            "`tf.data.Dataset.from_generator`."
         )
     if specs is None:
         return tf.nest.map_structure(lambda t: _convert_leaf(t, None, compute_dtype, name), x)
@@ -186,8 +190,8 @@ def convert_inputs(x, specs, compute_dtype, name="x"):
 
 
 def _is_batch_stream(x):
-    """Return whether `x` yields batches instead of holding examples (generator, PyDataset)."""
-    if inspect.isgenerator(x) or isinstance(x, keras.utils.PyDataset):
+    """Return whether `x` yields batches instead of containing examples (iterator, PyDataset)."""
+    if isinstance(x, (collections.abc.Iterator, keras.utils.PyDataset)):
         return True
     return isinstance(x, tf.distribute.DistributedDataset)
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 __all__ = [
     "StreamedInputs",
     "is_dataset",
+    "is_streamed",
     "read_dataset",
     "run_pass",
     "translate_pass_errors",
@@ -106,6 +107,11 @@ class StreamedInputs(tf.experimental.ExtensionType):
 def is_dataset(x):
     """Return whether `x` is a `tf.data.Dataset`."""
     return isinstance(x, tf.data.Dataset)
+
+
+def is_streamed(x):
+    """Return whether `x` is converted streamed inputs."""
+    return isinstance(x, StreamedInputs)
 
 
 def read_dataset(dataset, convert, batch_size, name="x", with_targets=False):
@@ -223,19 +229,29 @@ def run_pass(inputs, step, state, finalize=None):
 
 
 def translates_pass_errors(method):
-    """Decorate `method` so that a failed pass check raises ValueError (see below)."""
+    """Decorate `method` so that a failed pass check raises ValueError (see below).
+
+    The inputs count as streamed when an argument, or an attribute of the first
+    argument (the operator), is a `StreamedInputs` or a dataset.
+    """
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with translate_pass_errors():
+        with translate_pass_errors(streamed=_involves_streamed(args, kwargs)):
             return method(*args, **kwargs)
 
     return wrapper
 
 
 @contextlib.contextmanager
-def translate_pass_errors():
-    """Re-raise a failed pass check as a ValueError with the same message."""
+def translate_pass_errors(streamed=True):
+    """Re-raise a failed pass check as a ValueError with the same message.
+
+    Under a `tf.distribute` strategy a failed check on one replica cancels the
+    collectives of the others, and TensorFlow may report that cancellation
+    first. With `streamed` set, a cancelled collective is reported as a pass
+    mismatch too, with the original error chained.
+    """
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
@@ -246,9 +262,23 @@ def translate_pass_errors():
         # The assert prints each of its data items in brackets.
         text = " ".join(part.strip() for part in line.replace("]", "[").split("[") if part.strip())
         raise ValueError(text) from None
+    except tf.errors.CancelledError as error:
+        if not (streamed and "Collective" in error.message):
+            raise
+        raise ValueError(
+            f"{PASS_MISMATCH} on some replica, most likely: a collective of the sharded "
+            f"product was cancelled because another replica failed. {PASS_ADVICE}"
+        ) from error
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _involves_streamed(args, kwargs):
+    values = list(args) + list(kwargs.values())
+    if args and hasattr(args[0], "__dict__"):
+        values += list(vars(args[0]).values())
+    return any(isinstance(value, (StreamedInputs, tf.data.Dataset)) for value in values)
 
 
 def _check_finite_cardinality(dataset, name):

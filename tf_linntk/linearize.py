@@ -174,7 +174,7 @@ class LinearizedModel(keras.Model):
         n = self._functional.num_examples(x)
         if n == 0:
             return tf.zeros([0, self.num_outputs], self._functional.dtype)
-        with _streaming.translate_pass_errors():
+        with _streaming.translate_pass_errors(streamed=_streaming.is_streamed(x)):
             return self._functional.jvp(x, tangents)
 
     def vjp(self, x, cotangents):
@@ -198,7 +198,7 @@ class LinearizedModel(keras.Model):
         cotangents = self._convert_cotangents(cotangents, n)
         if n == 0:
             return tf.zeros([self.num_parameters], self._functional.dtype)
-        with _streaming.translate_pass_errors():
+        with _streaming.translate_pass_errors(streamed=_streaming.is_streamed(x)):
             return self._functional.vjp(x, cotangents)
 
     def jacobian(self, x, max_dense_bytes=None):
@@ -224,7 +224,7 @@ class LinearizedModel(keras.Model):
         )
         if n == 0:
             return tf.zeros([0, self.num_outputs, self.num_parameters], self._functional.dtype)
-        with _streaming.translate_pass_errors():
+        with _streaming.translate_pass_errors(streamed=_streaming.is_streamed(x)):
             return self._functional.jacobian(x)
 
     def ntk(self, x1, x2=None):
@@ -327,7 +327,7 @@ class LinearizedModel(keras.Model):
         if options.get("seed") is None and self._functional.is_sharded:
             # Workers of a multi-worker strategy must make the same random draws.
             options["seed"] = self._functional.shared_seed()
-        with _streaming.translate_pass_errors():
+        with _streaming.translate_pass_errors(streamed=_streaming.is_dataset(x)):
             posterior = fit(self, x, y, likelihood, **options)
         self._set_posterior(posterior)
         return self

@@ -1,5 +1,7 @@
 """Validation of regression targets and noise variances, shared by the inference modules."""
 
+import collections.abc
+
 import numpy as np
 import tensorflow as tf
 
@@ -26,6 +28,11 @@ def convert_targets(y, num_examples, num_outputs, name="y"):
         raise TypeError(
             f"`{name}` must be a numeric tensor [N, O]; received a dict with keys "
             f"{sorted(y)}. Concatenate the targets of several outputs into [N, O]."
+        )
+    if isinstance(y, (tf.data.Dataset, collections.abc.Iterator)):
+        raise TypeError(
+            f"`{name}` must be a numeric tensor [N, O]; received a {type(y).__name__}. "
+            "Pass a tf.data.Dataset of (x, y) pairs as `x` instead."
         )
     y = tf.convert_to_tensor(y)
     if not (y.dtype.is_floating or y.dtype.is_integer):

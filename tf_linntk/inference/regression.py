@@ -103,7 +103,12 @@ def fit(
             only: no covariance is computed, and predictive variances and
             `sample` raise).
         variance_rank: number of Lanczos steps (or random columns) for the
-            covariance root.
+            covariance root. Directions outside the root keep the prior variance
+            s², so variances err high when the data inform more than k
+            directions. NOTE: measured on a 321-parameter tanh MLP with N = 300
+            and σ² = 0.01, the latent variances were 5.8× too large (median) at
+            k = 100 and 1.13× at k = 200; for such small problems pass
+            k = min(N·O, P) or variance="exact".
         seed: int seed for the preconditioner sketch and the Lanczos start.
         on_nonconvergence: "warn", "raise" or "ignore" when CG stops early.
         verbose: 0 (silent) or 1: Keras progress bars over the CG iterations

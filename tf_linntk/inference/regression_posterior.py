@@ -82,8 +82,9 @@ class RegressionPosterior(base.Posterior):
     def get_state(self):
         """Return (config, arrays) for saving; the training data is not kept.
 
-        A posterior adapted with variance="exact" is saved with its Lanczos-free
-        state, so after loading it predicts means only until adapted again.
+        A posterior adapted with variance="exact" is saved with the Lanczos root
+        that `adapt` also built. After loading, its variances need an explicit
+        variance="lanczos", because the exact ones need the training data.
         """
         config = {
             "class_name": type(self).__name__,
@@ -106,10 +107,6 @@ class RegressionPosterior(base.Posterior):
         from tf_linntk import likelihoods
 
         variance_method = config["variance_method"]
-        if variance_method == "exact":
-            # The training data was not saved, so exact variances are unavailable.
-            # `adapt` also built a Lanczos root in that case, which is saved.
-            variance_method = "lanczos"
         return cls(
             likelihood=likelihoods.Gaussian(noise_variance=arrays["noise_variance"]),
             weights=arrays["weights"],
@@ -283,6 +280,14 @@ class RegressionPosterior(base.Posterior):
                 "This posterior has no covariance because it was adapted with "
                 "`variance`='none'. Call `adapt(x, y, variance='lanczos')` (or 'exact') "
                 "to get predictive variances."
+            )
+        if method == "exact" and self.training_problem is None and variance is None:
+            raise ValueError(
+                "This posterior was adapted with variance='exact', and exact variances "
+                "need the training data, which saving does not keep. Pass "
+                "variance='lanczos' for the saved rank-k Lanczos approximation (it "
+                "overestimates variances when the data inform more than k directions), "
+                "or adapt again with the data."
             )
         if method == "exact" and self.training_problem is None:
             raise ValueError(
