@@ -12,7 +12,7 @@ Three input modes, each in its own subprocess:
 * `dataset`: `tf.data.Dataset.from_tensor_slices((x, y)).batch(1024)`, which
   still keeps the arrays in memory but goes through the streamed code path;
 * `tfrecord`: a TFRecord file written once to a temporary directory, parsed
-  on every pass. The subprocess never holds x in memory.
+  on every pass. The subprocess never keeps x in memory.
 
 Each subprocess reports the median wall time of `--repeats` `adapt` calls
 after one warm-up call, the CG iterations, the peak resident memory

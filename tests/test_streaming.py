@@ -374,7 +374,7 @@ def test_padded_batches_keep_their_batches():
 
 
 def test_dataset_inside_tf_function_raises():
-    """A dataset built inside a tf.function raises a ValueError that says why."""
+    """A dataset built inside a tf.function raises a ValueError that explains why."""
     model, x, _, _ = _regression_setup()
     lin = _wrap(model)
 

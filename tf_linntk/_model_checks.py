@@ -143,8 +143,8 @@ def symbolic_outputs(model):
     """
     outputs = getattr(model, "_outputs_struct", None)
     if outputs is None:
-        # A built Sequential keeps its single output tensor in the Functional it wraps;
-        # its `outputs` is a list, which would make predictions a list of one tensor.
+        # A built Sequential keeps its single output tensor in the Functional it wraps.
+        # Its `outputs` is a list, so predictions would become a list of one tensor.
         outputs = getattr(getattr(model, "_functional", None), "_outputs_struct", None)
     if outputs is None:
         outputs = getattr(model, "outputs", None)
