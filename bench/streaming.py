@@ -15,9 +15,9 @@ Three input modes, each in its own subprocess:
   on every pass. The subprocess never keeps x in memory.
 
 Each subprocess reports the median wall time of `--repeats` `adapt` calls
-after one warm-up call, the CG iterations, the peak resident memory
-(`getrusage` max RSS) and the largest absolute difference of the predictive
-mean on 1,000 test inputs from the `arrays` mode.
+after one warm-up call, the CG iterations and the peak resident memory
+(`getrusage` max RSS). It also reports the largest absolute difference of its
+predictive mean on 1,000 test inputs from that of the `arrays` mode.
 
 Run from the repository root:
 
@@ -100,7 +100,10 @@ def _launch(arguments, mode, directory):
         command += ["--max-iterations", str(arguments.max_iterations)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"mode {mode} failed:\n{completed.stderr[-4000:]}")
+        raise RuntimeError(
+            f"Benchmark mode {mode!r} failed with exit code {completed.returncode}; "
+            f"the end of its stderr:\n{completed.stderr[-4000:]}"
+        )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

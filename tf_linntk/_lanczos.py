@@ -38,13 +38,14 @@ def lanczos(operator, num_iterations, *, seed=None, start=None, dtype=tf.float64
     reorthogonalization and an [M, k] buffer.
 
     Progress and logging: at `verbose=1` the loop runs in compiled chunks of
-    iterations, as in `conjugate_gradient`, and a `keras.utils.Progbar` over
-    `num_iterations` shows the iterations run and `relative_beta`, the last
-    βⱼ over the estimate of ‖A‖, which falls toward the breakdown threshold as
-    the Krylov space nears an invariant one. The results are bit-identical to
-    those of `verbose=0`. Under an outer `tf.function` no bar is shown and the
-    single compiled loop runs. The logger `tf_linntk.solvers` records the start
-    and, in eager mode, the stop at INFO, and each chunk at DEBUG.
+    iterations, as in `conjugate_gradient`. After each chunk a
+    `keras.utils.Progbar` over `num_iterations` shows the iterations run and
+    `relative_beta`, the last βⱼ over the estimate of ‖A‖. That ratio falls
+    toward the breakdown threshold as the Krylov space nears an invariant one.
+    The results are bit-identical to those of `verbose=0`. Under an outer
+    `tf.function` no bar is shown and the single compiled loop runs. The logger
+    `tf_linntk.solvers` records the start and, in eager mode, the stop at INFO,
+    and each chunk at DEBUG.
 
     Args:
       operator: The symmetric matrix A [M, M], as a LinearOperator-like object

@@ -143,17 +143,18 @@ def read_dataset(dataset, convert, batch_size, name="x", with_targets=False):
 
     # One eager pass: validate, count, fingerprint and collect the targets.
     reference, targets, batch_sizes, parts, abs_parts = None, [], [], [], []
+    num_examples = 0
     for element in dataset:
         batch_x, batch_y = _split_element(element, is_tuple)
         batch_x = _convert_batch(convert, batch_x, name)
         reference = batch_x if reference is None else reference
-        part, abs_part = _example_fingerprints(batch_x, sum(batch_sizes))
+        part, abs_part = _example_fingerprints(batch_x, num_examples)
         parts.append(part.numpy())
         abs_parts.append(abs_part.numpy())
         batch_sizes.append(int(_batch_size(batch_x)))
+        num_examples += batch_sizes[-1]
         if with_targets:
             targets.append(batch_y)
-    num_examples = sum(batch_sizes)
     if num_examples == 0:
         raise ValueError(f"`{name}` must contain at least one example; received an empty dataset.")
 

@@ -97,7 +97,7 @@ class ShardedProducts:
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         return int(self._shared_seed_fn(tf.constant(seed, tf.int64)))
 
-    def reduce_shards(self, x, shard_fn, chunk_size=1):
+    def reduce_shards(self, x, shard_fn, chunk_size=None):
         """Sum shard_fn(x_shard, start, stop) over the replicas with an all-reduce.
 
         Replica i passes its contiguous shard x[start:stop] (possibly empty) and
@@ -105,19 +105,22 @@ class ShardedProducts:
         to match. shard_fn returns a tensor of the same shape on every replica,
         e.g. a parameter-space sum [P] or [R, P]. Call it inside a `tf.function`.
 
-        The shards consist of whole chunks of `chunk_size` examples (whole
-        batches for streamed inputs), so a shard_fn that streams in chunks of
-        that size computes exactly the single-device chunks. Finite differences
-        need this, because they divide the rounding error of each chunk's
-        forward pass by a step ε ≪ 1, and that error depends on which rows share
-        a chunk. The cost is balance, because replicas differ by up to one
-        chunk, and with fewer chunks than replicas some replicas get none.
+        With `chunk_size`, the shards consist of whole chunks of that many
+        examples, and streamed inputs always split into whole batches. Without
+        it, inputs in memory split into ⌈N/R⌉ examples each. Whole chunks let a
+        shard_fn that streams in chunks of `chunk_size` compute exactly the
+        single-device chunks. Finite differences need this, because they divide
+        the rounding error of each chunk's forward pass by a step ε ≪ 1, and that
+        error depends on which rows share a chunk. The cost is balance, because
+        replicas differ by up to one chunk, and with fewer chunks than replicas
+        some replicas get none.
         """
 
         def replica_fn():
             context = tf.distribute.get_replica_context()
-            if isinstance(x, _streaming.StreamedInputs):
-                # Whole batches, which the single-device pass splits into the same chunks.
+            if chunk_size is None or isinstance(x, _streaming.StreamedInputs):
+                # Streamed shards are whole batches, which the single-device pass
+                # splits into the same chunks.
                 x_shard, start, stop = _shard(x, context)
             else:
                 start, stop = _chunk_aligned_bounds(context, _num_examples(x), chunk_size)
@@ -166,12 +169,12 @@ class ShardedProducts:
         )
 
     def _vjp_impl(self, x, cotangents):
-        return self._reduce(
+        return self.reduce_shards(
             x, lambda xs, start, stop: self.functional.local.vjp(xs, cotangents[start:stop])
         )
 
     def _vjp_batched_impl(self, x, cotangents):
-        return self._reduce(
+        return self.reduce_shards(
             x,
             lambda xs, start, stop: self.functional.local.vjp_batched(
                 xs, cotangents[:, start:stop]
@@ -205,17 +208,6 @@ class ShardedProducts:
         replica = tf.searchsorted(stops, examples, side="right")
         rows = replica * shard_size + examples - tf.gather(starts, replica)
         return tf.gather(result, rows, axis=axis)
-
-    def _reduce(self, x, shard_fn):
-        """Sum shard_fn over the replicas' shards."""
-
-        def replica_fn():
-            context = tf.distribute.get_replica_context()
-            x_shard, start, stop = _shard(x, context)
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, shard_fn(x_shard, start, stop))
-
-        reduced = self.strategy.run(replica_fn)
-        return self.strategy.experimental_local_results(reduced)[0]
 
 
 def _num_examples(x):

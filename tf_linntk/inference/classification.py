@@ -410,7 +410,7 @@ def _validate_options(lin, merged):
         "on_nonconvergence": _checks.check_option(
             "on_nonconvergence", merged["on_nonconvergence"], ON_NONCONVERGENCE
         ),
-        "verbose": _check_verbose(merged["verbose"]),
+        "verbose": _progress.check_verbose(merged["verbose"]),
         "initialization": _checks.check_option(
             "initialization", merged["initialization"], ("map", "prior")
         ),
@@ -452,6 +452,3 @@ def _resolve_seed(seed):
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
     return seed
 
-
-def _check_verbose(verbose):
-    return _progress.check_verbose(verbose)

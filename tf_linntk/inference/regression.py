@@ -227,7 +227,7 @@ def _validate_options(
         on_nonconvergence=_checks.check_option(
             "on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE
         ),
-        verbose=_check_verbose(verbose),
+        verbose=_progress.check_verbose(verbose),
     )
 
 
@@ -235,7 +235,4 @@ def _log_level(options):
     """Return INFO for verbose=1 and DEBUG for verbose=0."""
     return logging.INFO if options["verbose"] else logging.DEBUG
 
-
-def _check_verbose(verbose):
-    return _progress.check_verbose(verbose)
 
